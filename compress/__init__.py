@@ -1,0 +1,1 @@
+"""pistill.compress: activation importance, pruning, teacher quantization and distillation."""

@@ -1,0 +1,1 @@
+"""pistill.device: runtimes, the on-device agent and latency benchmarks."""

@@ -1,0 +1,151 @@
+"""Inference runtimes behind one small interface, importable on a Pi with only numpy and the runtime itself.
+
+Each runtime is greedy and stateful: `prefill(ids)` runs a prompt into a fresh cache and returns the next token,
+`decode(token)` appends one token and returns the next. `logits(ids)` is a full forward from an empty cache,
+used for quality checks. This file must work both as `pistill.device.runtimes` and as a standalone script file
+copied beside `agent.py`, so it imports nothing from pistill.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+RUNTIMES: dict[str, type] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        RUNTIMES[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def get_runtime(name: str) -> type:
+    if name not in RUNTIMES:
+        raise ValueError(f"runtime '{name}' is not supported; supported: {', '.join(sorted(RUNTIMES))}")
+    return RUNTIMES[name]
+
+
+def runtime_for_format(fmt: str) -> str:
+    """The runtime that runs a model artifact of this format."""
+    table = {"hf": "torch", "gguf": "llama_cpp", "onnx": "onnxruntime"}
+    if fmt not in table:
+        raise ValueError(f"model format '{fmt}' has no runtime; supported: {', '.join(table)}")
+    return table[fmt]
+
+
+@register("torch")
+class TorchRuntime:
+    """A Hugging Face folder through transformers (bitsandbytes-quantized folders included)."""
+
+    def __init__(self, model_path: str, threads: int = 0, max_ctx: int = 2048):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "auto" if self.device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=self.device)
+        self.model.eval()
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.version = torch.__version__
+        self.past = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def _forward(self, ids: list[int], past):
+        t = self.torch.tensor([ids], device=self.device)
+        with self.torch.inference_mode():
+            out = self.model(input_ids=t, past_key_values=past, use_cache=True)
+        return out.logits[0], out.past_key_values
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        logits, _ = self._forward(ids, None)
+        return logits.float().cpu().numpy()
+
+    def prefill(self, ids: list[int]) -> int:
+        logits, self.past = self._forward(ids, None)
+        return int(logits[-1].argmax())
+
+    def decode(self, token: int) -> int:
+        logits, self.past = self._forward([token], self.past)
+        return int(logits[-1].argmax())
+
+    def close(self) -> None:
+        self.model = self.past = None
+
+
+@register("llama_cpp")
+class LlamaCppRuntime:
+    """A GGUF file through llama.cpp (llama-cpp-python)."""
+
+    def __init__(self, model_path: str, threads: int = 0, max_ctx: int = 2048):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=max_ctx, n_threads=threads or os.cpu_count(),
+                                   n_batch=512, logits_all=True, verbose=False)
+        self.version = llama_cpp.__version__
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def _last_argmax(self) -> int:
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def prefill(self, ids: list[int]) -> int:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._last_argmax()
+
+    def decode(self, token: int) -> int:
+        self.llm.eval([token])
+        return self._last_argmax()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+@register("onnxruntime")
+class OnnxRuntime:
+    """An onnxruntime-genai-built ONNX folder through plain onnxruntime and numpy (`ortlm.OrtLM`)."""
+
+    def __init__(self, model_path: str, threads: int = 0, max_ctx: int = 2048):
+        try:
+            from . import ortlm
+        except ImportError:  # standalone on the device
+            import ortlm
+        import onnxruntime
+
+        self.lm = ortlm.OrtLM(model_path, threads=threads)
+        self.version = onnxruntime.__version__
+        self._tok = None
+        self.model_path = model_path
+
+    def tokenize(self, text: str) -> list[int]:
+        if self._tok is None:  # the `tokenizers` package, when present (tokenizer.json ships in the folder)
+            from tokenizers import Tokenizer
+            self._tok = Tokenizer.from_file(os.path.join(self.model_path, "tokenizer.json"))
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self.lm.logits(ids)
+
+    def prefill(self, ids: list[int]) -> int:
+        return self.lm.prefill(ids)
+
+    def decode(self, token: int) -> int:
+        return self.lm.decode(token)
+
+    def close(self) -> None:
+        self.lm = None

@@ -1,0 +1,1 @@
+"""pistill.export: GGUF (llama.cpp) and ONNX int4 (onnxruntime) exporters."""

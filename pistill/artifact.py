@@ -1,0 +1,208 @@
+"""Artifacts: self-describing stage outputs, written to a temporary folder and renamed when complete."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+_TRACKED_PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "gguf", "llama_cpp_python",
+                     "onnx", "onnxruntime", "onnxruntime-genai", "numpy")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact folder is missing, incomplete or of the wrong stage."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_dict(cfg: Any) -> dict:
+    """A config dataclass as a plain dict, with its version (a `VERSION` class attribute)."""
+    return {"version": getattr(cfg, "VERSION", 1), **dataclasses.asdict(cfg)}
+
+
+def input_key(stage: str, cfg: Any, parents: list["Artifact"]) -> str:
+    """The hash that decides whether a stage must rerun: stage, config (with version) and parents' ids."""
+    blob = json.dumps({"stage": stage, "config": config_dict(cfg), "parents": [p.id for p in parents]},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished stage output: a folder with `manifest.json`."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, path: str | Path, stage: str | None = None) -> "Artifact":
+        path = Path(path)
+        mf = path / MANIFEST
+        if not mf.is_file():
+            raise ArtifactError(f"{path} is not a pistill artifact (no {MANIFEST}); pass a folder a stage wrote")
+        manifest = json.loads(mf.read_text())
+        if stage is not None and manifest.get("stage") != stage:
+            raise ArtifactError(f"{path} holds stage '{manifest.get('stage')}', expected '{stage}'")
+        return cls(path, manifest)
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def model(self) -> dict | None:
+        """`{"format": "hf" | "gguf" | "onnx", "file": relative path}` for artifacts that hold a model."""
+        return self.manifest.get("model")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def model_path(self) -> Path:
+        if not self.model:
+            raise ArtifactError(f"{self.path} (stage '{self.stage}') holds no model")
+        return self.path / self.model["file"]
+
+
+def environment() -> dict:
+    """Versions, machine and git revision; reads package metadata without importing the packages."""
+    versions = {}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": _device(),
+        "packages": versions,
+        "git_sha": _git_sha(),
+    }
+
+
+def _device() -> str:
+    torch = sys.modules.get("torch")  # only if a stage already imported it
+    if torch is not None and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return "cpu"
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+@dataclass
+class ArtifactWriter:
+    """Context manager that writes an artifact into `<out>.tmp-<pid>` and renames it to `out` on success.
+
+    with ArtifactWriter(out, "prune", cfg, parents) as w:
+        model.save_pretrained(w.dir); w.metrics["params"] = n; w.model = {"format": "hf", "file": "."}
+    """
+
+    out: Path
+    stage: str
+    config: Any
+    parents: list[Artifact]
+    metrics: dict = field(default_factory=dict)
+    model: dict | None = None
+    extra: dict = field(default_factory=dict)  # stage-specific manifest fields
+    artifact: Artifact | None = None
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.dir = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self._t0 = 0.0
+
+    def __enter__(self) -> "ArtifactWriter":
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        self._t0 = time.time()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return False
+        manifest = self._manifest(time.time() - self._t0)
+        (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.dir, self.out)
+        self.artifact = Artifact(self.out, manifest)
+        return False
+
+    def _manifest(self, wall_s: float) -> dict:
+        files = {str(p.relative_to(self.dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(self.dir.rglob("*")) if p.is_file()}
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ident = hashlib.sha256(json.dumps([files, created, time.time_ns()], sort_keys=True).encode()).hexdigest()
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "stage": self.stage,
+            "id": ident,
+            "key": input_key(self.stage, self.config, self.parents),
+            "config": config_dict(self.config),
+            "parents": [{"stage": p.stage, "id": p.id, "path": str(p.path)} for p in self.parents],
+            "model": self.model,
+            "files": files,
+            "metrics": self.metrics,
+            **self.extra,
+            "environment": environment(),
+            "created": created,
+            "wall_s": round(wall_s, 3),
+        }
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of a file, or of every file under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

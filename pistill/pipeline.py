@@ -1,0 +1,84 @@
+"""The pipeline: stages in order, each skipped when its inputs and config are unchanged."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .artifact import MANIFEST, Artifact, ArtifactError, input_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: `module.run(inputs, cfg, out)` with the config class `module.<config>`."""
+
+    name: str
+    module: str
+    config: str
+    inputs: tuple[str, ...]
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+    def config_class(self) -> type:
+        return getattr(self.load(), self.config)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("teacher", "pistill.models", "TeacherConfig", ()),
+    Stage("data", "pistill.data", "DataConfig", ("teacher",)),
+    Stage("prune", "pistill.compress.prune", "PruneConfig", ("teacher", "data")),
+    Stage("quantize", "pistill.compress.quantize", "QuantizeConfig", ("teacher", "prune", "data")),
+    Stage("distill", "pistill.compress.distill", "DistillConfig", ("quantize", "prune", "data")),
+    Stage("gguf", "pistill.export.gguf", "GGUFConfig", ("distill", "data")),
+    Stage("onnx", "pistill.export.onnx", "ONNXConfig", ("distill", "data")),
+    Stage("bench", "pistill.device.bench", "BenchConfig",
+          ("teacher", "prune", "quantize", "distill", "gguf", "onnx")),
+    Stage("report", "pistill.report", "ReportConfig",
+          ("teacher", "data", "prune", "quantize", "distill", "gguf", "onnx", "bench")),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage(name: str) -> Stage:
+    if name not in BY_NAME:
+        raise ValueError(f"stage '{name}' is unknown; stages: {', '.join(BY_NAME)}")
+    return BY_NAME[name]
+
+
+def existing(out: Path) -> Artifact | None:
+    """A finished artifact at `out`, or None (a folder without a manifest is not finished)."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        return Artifact.load(out)
+    except (ArtifactError, ValueError):
+        return None
+
+
+def run_stage(st: Stage, inputs: list[Artifact], cfg, out: Path, force: bool) -> tuple[Artifact, bool]:
+    """Run one stage unless an artifact with the same input key is already at `out`. Returns (artifact, ran)."""
+    old = existing(out)
+    if old is not None and not force and old.key == input_key(st.name, cfg, inputs):
+        return old, False
+    return st.load().run(inputs, cfg, out), True
+
+
+def run(configs: dict, out: Path, force: str | None = None, only: list[str] | None = None) -> dict[str, Artifact]:
+    """Run every stage in order into `out/<stage>`; stages from `force` on rerun even when unchanged."""
+    forced_from = [s.name for s in STAGES].index(force) if force else len(STAGES)
+    arts: dict[str, Artifact] = {}
+    for i, st in enumerate(STAGES):
+        if only and st.name not in only:
+            continue
+        t0 = time.time()
+        art, ran = run_stage(st, [arts[n] for n in st.inputs], configs[st.name], out / st.name, i >= forced_from)
+        arts[st.name] = art
+        verb = "done" if ran else "skipped (inputs and config unchanged)"
+        log.info("[%d/%d] %-8s %s in %.1fs -> %s", i + 1, len(STAGES), st.name, verb, time.time() - t0, art.path)
+    return arts

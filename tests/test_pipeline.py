@@ -1,0 +1,40 @@
+"""Pipeline: unchanged stages are skipped, changed or forced ones rerun, downstream follows."""
+
+from pistill import pipeline
+from pistill.data import DataConfig
+from pistill.models import TeacherConfig
+
+DATA = DataConfig(block_size=32, calib_blocks=2, train_blocks=2, heldout_blocks=1, generate=0, topk=4)
+
+
+def test_skip_rerun_and_downstream(tiny_model, tmp_path):
+    teacher_st, data_st = pipeline.stage("teacher"), pipeline.stage("data")
+    cfg = TeacherConfig(source=str(tiny_model))
+    t1, ran = pipeline.run_stage(teacher_st, [], cfg, tmp_path / "teacher", force=False)
+    assert ran
+    d1, _ = pipeline.run_stage(data_st, [t1], DATA, tmp_path / "data", force=False)
+    t2, ran = pipeline.run_stage(teacher_st, [], cfg, tmp_path / "teacher", force=False)
+    assert not ran and t2.id == t1.id
+    d2, ran = pipeline.run_stage(data_st, [t2], DATA, tmp_path / "data", force=False)
+    assert not ran and d2.id == d1.id
+    # a forced (or deleted) upstream stage gets a new id, so the stage after it reruns
+    t3, ran = pipeline.run_stage(teacher_st, [], cfg, tmp_path / "teacher", force=True)
+    assert ran and t3.id != t1.id
+    d3, ran = pipeline.run_stage(data_st, [t3], DATA, tmp_path / "data", force=False)
+    assert ran and d3.id != d1.id
+    # a changed config reruns
+    _, ran = pipeline.run_stage(data_st, [t3], DataConfig(**{**DATA.__dict__, "seed": 1}), tmp_path / "data",
+                                force=False)
+    assert ran
+
+
+def test_half_written_folder_is_not_taken_as_done(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"partial")
+    assert pipeline.existing(tmp_path / "teacher") is None
+
+
+def test_stage_order_and_inputs_are_consistent():
+    names = [s.name for s in pipeline.STAGES]
+    for i, st in enumerate(pipeline.STAGES):
+        assert all(names.index(n) < i for n in st.inputs), st.name
