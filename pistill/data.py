@@ -206,26 +206,25 @@ def run(inputs: list[Artifact], cfg: DataConfig, out: Path) -> Artifact:
     from .models import load_model, load_tokenizer
 
     teacher = inputs[0]
-    tok = load_tokenizer(teacher.model_path())
-    train_docs, heldout_docs = split_heldout(read_corpus(cfg))
-    train_docs = shuffled(train_docs, cfg.seed)
-    model = load_model(teacher.model_path())
-    generated = []
-    if cfg.generate:
-        generated = generate_responses(model, tok, read_prompts(cfg)[: cfg.generate], cfg.gen_tokens, cfg.seed)
-    gen_docs = [chat_text(tok, r) for r in generated]
-    calib = pack(train_docs, tok, cfg.block_size, cfg.calib_blocks)
-    train = pack(shuffled(gen_docs + train_docs[len(train_docs) // 2:], cfg.seed + 1), tok, cfg.block_size,
-                 cfg.train_blocks)
-    heldout = pack(heldout_docs, tok, cfg.block_size, cfg.heldout_blocks)
-    ref = teacher_reference(model, heldout, cfg.topk)
     with ArtifactWriter(out, "data", cfg, inputs) as w:
+        tok = load_tokenizer(teacher.model_path())
+        train_docs, heldout_docs = split_heldout(read_corpus(cfg))
+        train_docs = shuffled(train_docs, cfg.seed)
+        model = load_model(teacher.model_path())
+        generated = []
+        if cfg.generate:
+            generated = generate_responses(model, tok, read_prompts(cfg)[: cfg.generate], cfg.gen_tokens, cfg.seed)
+        gen_docs = [chat_text(tok, r) for r in generated]
+        calib = pack(train_docs, tok, cfg.block_size, cfg.calib_blocks)
+        train = pack(shuffled(gen_docs + train_docs[len(train_docs) // 2:], cfg.seed + 1), tok, cfg.block_size,
+                     cfg.train_blocks)
+        heldout = pack(heldout_docs, tok, cfg.block_size, cfg.heldout_blocks)
+        ref = teacher_reference(model, heldout, cfg.topk)
         for name, arr in (("calib", calib), ("train", train), ("heldout", heldout)):
             np.save(w.dir / f"{name}.npy", arr)
         np.savez(w.dir / "reference.npz", **ref)
         (w.dir / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generated))
-        n = int(ref["nll"].size)
-        w.metrics.update(teacher_ppl=float(np.exp(ref["nll"].mean())), n_tokens=n, generated=len(generated),
-                         topk_mass=float(np.exp(ref["topk_logp"]).sum(-1).mean()),
+        w.metrics.update(teacher_ppl=float(np.exp(ref["nll"].mean())), n_tokens=int(ref["nll"].size),
+                         generated=len(generated), topk_mass=float(np.exp(ref["topk_logp"]).sum(-1).mean()),
                          train_docs=len(train_docs), heldout_docs=len(heldout_docs))
     return w.artifact

@@ -196,10 +196,10 @@ class TeacherConfig:
 
 def run(inputs: list[Artifact], cfg: TeacherConfig, out: Path) -> Artifact:
     """Materialize the teacher as a standard HF folder artifact."""
-    folder = materialize(cfg.source)
-    check_architecture(read_config(folder), str(folder))
-    model = load_model(folder, cfg.dtype)
     with ArtifactWriter(out, "teacher", cfg, inputs) as w:
+        folder = materialize(cfg.source)
+        check_architecture(read_config(folder), str(folder))
+        model = load_model(folder, cfg.dtype)
         save_model(model, folder, w.dir)
         w.model = {"format": "hf", "file": "."}
         w.metrics.update(params=count_params(model), bytes=weight_bytes(w.dir),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +75,25 @@ def run(configs: dict, out: Path, force: str | None = None, only: list[str] | No
     """Run every stage in order into `out/<stage>`; stages from `force` on rerun even when unchanged."""
     forced_from = [s.name for s in STAGES].index(force) if force else len(STAGES)
     arts: dict[str, Artifact] = {}
+    runlog = []
     for i, st in enumerate(STAGES):
         if only and st.name not in only:
             continue
+        log.info("[%d/%d] %s ...", i + 1, len(STAGES), st.name)
         t0 = time.time()
         art, ran = run_stage(st, [arts[n] for n in st.inputs], configs[st.name], out / st.name, i >= forced_from)
         arts[st.name] = art
+        wall = time.time() - t0
         verb = "done" if ran else "skipped (inputs and config unchanged)"
-        log.info("[%d/%d] %-8s %s in %.1fs -> %s", i + 1, len(STAGES), st.name, verb, time.time() - t0, art.path)
+        log.info("[%d/%d] %s %s in %.1fs -> %s", i + 1, len(STAGES), st.name, verb, wall, art.path)
+        runlog.append({"stage": st.name, "ran": ran, "wall_s": round(wall, 2), "id": art.id})
+        write_json(out / "pipeline.json", {"stages": runlog})
     return arts
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,235 @@
+"""On-device benchmark agent: time one model in one runtime and print one JSON object (stdlib + the runtime).
+
+    python3 agent.py --runtime llama_cpp --model student.gguf --threads 4 --prompt-tokens 32,128 --gen-tokens 64
+
+Runs on a Pi with only agent.py, runtimes.py and ortlm.py copied side by side, so it imports nothing from pistill.
+Prefill of the first prompt length gives the time to first token (prefill returns the first generated token),
+`prefill_tps` is taken at the longest prompt, and decode runs `--gen-tokens` single steps continuing the last
+prompt. Figures are medians over `--repeats` timed runs after `--warmup` untimed ones, with `--cooldown-s` of
+rest between runs; decode latency percentiles pool every timed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:
+    from . import runtimes
+except ImportError:  # standalone on the device: runtimes.py sits beside this file
+    import runtimes
+
+SCHEMA_VERSION = 1
+PROMPT_TEXT = (  # fixed English text, tokenized by the runtime and cycled to the wanted length
+    "The Raspberry Pi is a series of small single-board computers developed in the United Kingdom. "
+    "It is widely used in education, robotics and home automation because it is cheap, quiet and draws "
+    "little power. A language model that runs on it must be small, and every token it reads or writes "
+    "costs memory bandwidth, which is the real limit on such a board. "
+)
+FALLBACK_IDS = range(3, 259)  # byte-level ids present in any BPE vocabulary, when the runtime cannot tokenize
+THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")  # millidegrees Celsius
+CPUFREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")  # kHz
+
+
+class AgentError(Exception):
+    """A user-facing failure: reported as one line on stderr."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other agent error
+        sys.stderr.write(f"agent: error: {message}\n")
+        sys.exit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--runtime", required=True, help="one of: " + ", ".join(sorted(runtimes.RUNTIMES)))
+    p.add_argument("--model", required=True, help="model file or folder the runtime loads")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for the runtime")
+    p.add_argument("--prompt-tokens", default="64", help="comma-separated prompt lengths, e.g. 32,128")
+    p.add_argument("--gen-tokens", type=int, default=32, help="decode steps per run")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--cooldown-s", type=float, default=1.0, help="rest between runs, in seconds")
+    return p.parse_args(argv)
+
+
+def prompt_lengths(spec: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise AgentError(f"--prompt-tokens '{spec}' is not a list of integers; pass e.g. 32,128") from None
+    if not lengths or min(lengths) < 1:
+        raise AgentError(f"--prompt-tokens '{spec}' needs positive lengths; pass e.g. 32,128")
+    return lengths
+
+
+def check_args(args: argparse.Namespace) -> list[int]:
+    """Validate before loading anything; returns the prompt lengths."""
+    if args.runtime not in runtimes.RUNTIMES:
+        raise AgentError(f"runtime '{args.runtime}' is not supported; supported: "
+                         + ", ".join(sorted(runtimes.RUNTIMES)))
+    if not Path(args.model).exists():
+        raise AgentError(f"model not found: {args.model}")
+    for name in ("threads", "gen_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise AgentError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if args.warmup < 0 or args.cooldown_s < 0:
+        raise AgentError("--warmup and --cooldown-s must not be negative")
+    return prompt_lengths(args.prompt_tokens)
+
+
+def synth_prompt(rt, n: int) -> tuple[list[int], str]:
+    """`n` deterministic prompt ids: the fixed text tokenized by the runtime, cycled; byte ids as fallback."""
+    try:
+        base, source = rt.tokenize(PROMPT_TEXT), "text"
+    except (ImportError, OSError):  # e.g. onnxruntime without the `tokenizers` package on the device
+        base, source = [], "ids"
+    if not base:
+        base, source = list(FALLBACK_IDS), "ids"
+    return [base[i % len(base)] for i in range(n)], source
+
+
+def timed_run(rt, prompts: list[list[int]], gen_tokens: int) -> tuple[list[float], list[float]]:
+    """One run: prefill seconds per prompt, then per-step decode seconds continuing the last prompt."""
+    prefill_s = []
+    for ids in prompts:
+        t0 = time.perf_counter()
+        token = rt.prefill(ids)  # a fresh cache; returns the first generated token
+        prefill_s.append(time.perf_counter() - t0)
+    decode_s = []
+    for _ in range(gen_tokens):
+        t0 = time.perf_counter()
+        token = rt.decode(token)
+        decode_s.append(time.perf_counter() - t0)
+    return prefill_s, decode_s
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def measure(rt, lengths: list[int], args: argparse.Namespace) -> dict:
+    """Warm-up and timed runs; medians over timed runs, decode latency percentiles over every timed step."""
+    prompts, source = zip(*(synth_prompt(rt, n) for n in lengths))
+    runs = []
+    for i in range(args.warmup + args.repeats):
+        if i:
+            time.sleep(args.cooldown_s)
+        runs.append(timed_run(rt, list(prompts), args.gen_tokens))
+    runs = runs[args.warmup:]
+    prefill_s = [statistics.median(r[0][j] for r in runs) for j in range(len(lengths))]
+    prefill = [{"prompt_tokens": n, "s": s, "tps": n / s} for n, s in zip(lengths, prefill_s)]
+    steps = [s for r in runs for s in r[1]]
+    return {
+        "ttft_s": prefill_s[0], "ttft_prompt_tokens": lengths[0],
+        "prefill_tps": max(prefill, key=lambda p: p["prompt_tokens"])["tps"], "prefill": prefill,
+        "decode_tps": args.gen_tokens / statistics.median(sum(r[1]) for r in runs),
+        "decode_context_tokens": lengths[-1],
+        "decode_latency_ms": {f"p{q}": 1e3 * percentile(steps, q) for q in (50, 95, 99)},
+        "prompt_source": source[0],
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (1e6 bytes); ru_maxrss is KiB on Linux, bytes on macOS."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e6 if sys.platform == "darwin" else rss * 1024 / 1e6
+
+
+def read_number(path: Path, scale: float) -> float | None:
+    try:
+        return int(path.read_text().strip()) / scale
+    except (OSError, ValueError):
+        return None
+
+
+def throttled() -> str | None:
+    """`vcgencmd get_throttled` bits as hex (0x0: never throttled), or None off a Pi."""
+    if shutil.which("vcgencmd") is None:
+        return None
+    try:
+        out = subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.strip().partition("=")[2] or None
+
+
+def thermal_state() -> dict:
+    return {"temp_c": read_number(THERMAL, 1e3), "cpu_mhz": read_number(CPUFREQ, 1e3), "throttled": throttled()}
+
+
+def host() -> dict:
+    board = Path("/proc/device-tree/model")  # "Raspberry Pi 5 Model B Rev 1.0" on a Pi
+    return {
+        "hostname": platform.node(), "machine": platform.machine(), "system": platform.platform(),
+        "cores": os.cpu_count(), "python": platform.python_version(),
+        "board": board.read_text().strip("\x00\n ") if board.is_file() else None,
+    }
+
+
+def benchmark(args: argparse.Namespace, lengths: list[int]) -> dict:
+    before = thermal_state()
+    t0 = time.perf_counter()
+    rt = runtimes.get_runtime(args.runtime)(args.model, args.threads)
+    load_s = time.perf_counter() - t0
+    try:
+        figures = measure(rt, lengths, args)
+    finally:
+        rt.close()
+    return {
+        "schema_version": SCHEMA_VERSION, "host": host(),
+        "runtime": {"name": args.runtime, "version": getattr(rt, "version", None)},
+        "model": {"path": str(args.model), "bytes": model_bytes(Path(args.model))},
+        "settings": {"threads": args.threads, "prompt_tokens": lengths, "gen_tokens": args.gen_tokens,
+                     "repeats": args.repeats, "warmup": args.warmup, "cooldown_s": args.cooldown_s},
+        "load_s": load_s, **figures, "peak_rss_mb": peak_rss_mb(),
+        "thermal": {"before": before, "after": thermal_state()},
+    }
+
+
+def model_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def one_line(e: Exception, limit: int = 500) -> str:
+    return " ".join(str(e).split())[:limit]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stdout = os.dup(1)
+    os.dup2(2, 1)  # runtimes' own chatter (C code included) goes to stderr; stdout carries only the JSON
+    try:
+        result = benchmark(args, check_args(args))
+    except AgentError as e:
+        sys.stderr.write(f"agent: error: {e}\n")
+        return 2
+    except Exception as e:  # a runtime failure: one line for the bench stage to record
+        sys.stderr.write(f"agent: error: {args.runtime} failed on {args.model}: {type(e).__name__}: {one_line(e)}\n")
+        return 1
+    finally:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""ONNX export: an HF folder to an int4 (MatMulNBits) or fp32 decoder through the onnxruntime-genai model builder."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from pistill.artifact import Artifact, ArtifactWriter
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("int4", "fp32")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts
+ACCURACY_LEVELS = {1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}  # MatMulNBits activation type
+MODEL_DIR = "model"  # the exported folder inside the artifact: model.onnx(.data), genai_config.json, tokenizer
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "chat_template.jinja", "generation_config.json")  # copied when the builder did not write them
+
+
+@dataclass(frozen=True)
+class ONNXConfig:
+    """An ONNX decoder for onnxruntime on the CPU (the Pi's runtime when llama.cpp is not used)."""
+
+    VERSION: ClassVar[int] = 1
+    precision: str = "int4"  # int4: MatMulNBits weights, what ships; fp32: unquantized, for parity checks
+    block_size: int = 32  # int4 weights per scale (16, 32, 64, 128, 256); smaller is more accurate and larger
+    accuracy_level: int = 4  # MatMulNBits activations: 4 int8 (the Pi 5's dot-product path), 3 bf16, 2 fp16, 1 fp32
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision '{self.precision}' is not supported; use one of {', '.join(PRECISIONS)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size {self.block_size} is not supported; "
+                             f"use one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            levels = ", ".join(f"{k} ({v})" for k, v in ACCURACY_LEVELS.items())
+            raise ValueError(f"accuracy_level {self.accuracy_level} is not supported; use one of {levels}")
+
+    def builder_options(self) -> list[str]:
+        """The model builder's KEY=VALUE extra options."""
+        if self.precision != "int4":
+            return []
+        return [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}"]
+
+
+def check_source(hf_dir: Path) -> dict:
+    """The HF config of a folder the builder can export, or a one-line ValueError. Loads no weights."""
+    from pistill.models import check_architecture
+
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{hf_dir} has no config.json; the ONNX export needs a Hugging Face model folder")
+    config = json.loads(path.read_text())
+    check_architecture(config, str(hf_dir))
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"{hf_dir} holds a {method}-quantized model; export an unquantized (distilled) folder")
+    return config
+
+
+def export(hf_dir: Path, out: Path, cfg: ONNXConfig) -> Path:
+    """Build `out/` (model.onnx, model.onnx.data, genai_config.json, tokenizer files) atomically."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    check_source(hf_dir)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        t0 = time.time()
+        _build(hf_dir, tmp, cfg)
+        copy_extra_files(hf_dir, tmp)
+        log.info("built %s ONNX model from %s in %.1fs", cfg.precision, hf_dir, time.time() - t0)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _build(hf_dir: Path, out: Path, cfg: ONNXConfig) -> None:
+    with _builder_output(), tempfile.TemporaryDirectory(prefix="pistill-ortgenai-") as cache:
+        from onnxruntime_genai.models import builder
+
+        args = (None, str(hf_dir), str(out), cfg.precision, "cpu", cache)  # model_name, input, output, ..., cache
+        options = builder.parse_extra_options(*args, cfg.builder_options())
+        builder.create_model(*args, **options)  # the builder's own option dict, as its CLI passes it
+    if not (out / "genai_config.json").is_file():
+        raise RuntimeError(f"the model builder wrote no genai_config.json into {out}; rerun with --debug logging")
+
+
+def copy_extra_files(hf_dir: Path, out: Path) -> None:
+    """Copy the tokenizer and generation files the builder left out, so the folder is self-contained."""
+    for name in EXTRA_FILES:
+        src = Path(hf_dir) / name
+        if src.is_file() and not (Path(out) / name).exists():
+            shutil.copy2(src, Path(out) / name)
+
+
+class _ToDebug(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("%s: %s", record.name, record.getMessage())
+
+
+@contextlib.contextmanager
+def _builder_output():
+    """Route the builder's prints, progress bars and onnxruntime quantizer logs to this module's debug log."""
+    buf, ort_log, handler = io.StringIO(), logging.getLogger("onnxruntime"), _ToDebug()
+    root_handlers, root_level, propagate = list(logging.root.handlers), logging.root.level, ort_log.propagate
+    ort_log.addHandler(handler)
+    ort_log.propagate = False
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            yield
+    except Exception:
+        log.error("the model builder failed; its last output:\n%s", "\n".join(_lines(buf.getvalue())[-20:]))
+        raise
+    finally:
+        ort_log.removeHandler(handler)
+        ort_log.propagate = propagate
+        logging.root.handlers[:] = root_handlers  # onnxruntime's quantizer calls logging.basicConfig on import
+        logging.root.setLevel(root_level)
+        log.debug("model builder output:\n%s", "\n".join(_lines(buf.getvalue())))
+
+
+def _lines(text: str) -> list[str]:
+    """Output lines with progress-bar redraws (carriage returns) collapsed to their final state."""
+    return [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()]
+
+
+def model_bytes(folder: Path) -> int:
+    """Bytes of the ONNX graph and its external weights (model.onnx + model.onnx.data)."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith((".onnx", ".onnx.data")))
+
+
+def run(inputs: list[Artifact], cfg: ONNXConfig, out: Path) -> Artifact:
+    """Export the student to ONNX and score it on the held-out blocks with onnxruntime."""
+    from pistill.evaluate import evaluate_path
+
+    student, data = inputs
+    if (student.model or {}).get("format") != "hf":
+        raise ValueError(f"{student.path} (stage '{student.stage}') holds no Hugging Face folder to export")
+    check_source(student.model_path())
+    with ArtifactWriter(out, "onnx", cfg, inputs) as w:
+        t0 = time.time()
+        folder = export(student.model_path(), w.dir / MODEL_DIR, cfg)
+        w.model = {"format": "onnx", "file": MODEL_DIR}
+        w.metrics.update(params=student.metrics.get("params"), bytes=model_bytes(folder),
+                         export_s=round(time.time() - t0, 2))
+        w.metrics.update(evaluate_path(folder, "onnx", data))
+        log.info("onnx %s: %.1f MB, ppl %.2f, agreement %.3f", cfg.precision, w.metrics["bytes"] / 1e6,
+                 w.metrics["ppl"], w.metrics["agreement"])
+    return w.artifact

@@ -1,0 +1,158 @@
+"""The device agent: its JSON from real runtimes in a subprocess, its one-line errors, and its timing helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pistill.device import agent
+
+AGENT = Path(agent.__file__)
+FIGURES = ("load_s", "ttft_s", "prefill_tps", "decode_tps", "peak_rss_mb")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model, tmp_path_factory):
+    """The tiny llama as an F32 GGUF, written by the GGUF exporter."""
+    gguf = pytest.importorskip("pistill.export.gguf", reason="the GGUF exporter (export/gguf.py) is not there")
+    return gguf.write_gguf(tiny_model, tmp_path_factory.mktemp("gguf") / "tiny.gguf", "f32")
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_model, tmp_path_factory):
+    """The tiny llama as an int4 ONNX folder, written by the ONNX exporter."""
+    onnx = pytest.importorskip("pistill.export.onnx", reason="the ONNX exporter (export/onnx.py) is not there")
+    return onnx.export(tiny_model, tmp_path_factory.mktemp("onnx") / "model", onnx.ONNXConfig())
+
+
+def run_agent(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(AGENT), *args], capture_output=True, text=True, timeout=300)
+
+
+def check_schema(out: dict, runtime: str, lengths: list[int], gen_tokens: int) -> None:
+    assert out["schema_version"] == agent.SCHEMA_VERSION
+    assert out["runtime"]["name"] == runtime and out["runtime"]["version"]
+    assert {"hostname", "machine", "cores", "python"} <= set(out["host"])
+    assert out["settings"]["prompt_tokens"] == lengths and out["settings"]["gen_tokens"] == gen_tokens
+    assert [p["prompt_tokens"] for p in out["prefill"]] == lengths
+    for v in [out[k] for k in FIGURES] + list(out["decode_latency_ms"].values()) + [p["tps"] for p in out["prefill"]]:
+        assert isinstance(v, float) and math.isfinite(v) and v > 0, out
+    lat = out["decode_latency_ms"]
+    assert lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert set(out["thermal"]) == {"before", "after"}
+    assert set(out["thermal"]["before"]) == {"temp_c", "cpu_mhz", "throttled"}
+
+
+@pytest.mark.parametrize("runtime, model", [("torch", "tiny_model"), ("llama_cpp", "tiny_gguf"),
+                                            ("onnxruntime", "tiny_onnx")])
+def test_agent_json(runtime, model, request):
+    path = request.getfixturevalue(model)
+    proc = run_agent("--runtime", runtime, "--model", str(path), "--threads", "1", "--prompt-tokens", "8,24",
+                     "--gen-tokens", "4", "--repeats", "2", "--warmup", "1", "--cooldown-s", "0")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)  # stdout holds the JSON and nothing else
+    check_schema(out, runtime, [8, 24], 4)
+    assert out["prompt_source"] == "text"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runtime", "nope", "--model", "."],
+     "runtime 'nope' is not supported; supported: llama_cpp, onnxruntime, torch"),
+    (["--runtime", "torch", "--model", "/no/such/model"], "model not found: /no/such/model"),
+    (["--runtime", "torch", "--model", ".", "--prompt-tokens", "8,x"], "--prompt-tokens '8,x' is not a list"),
+    (["--runtime", "torch", "--model", ".", "--repeats", "0"], "--repeats 0 must be at least 1"),
+    (["--model", "."], "the following arguments are required: --runtime"),
+])
+def test_agent_usage_errors_are_one_line(args, message):
+    proc = run_agent(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("agent: error: ")
+    assert message in proc.stderr
+
+
+def test_agent_runtime_failure_ends_with_one_error_line(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file")
+    proc = run_agent("--runtime", "llama_cpp", "--model", str(bad), "--repeats", "1", "--warmup", "0")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines()[-1].startswith(f"agent: error: llama_cpp failed on {bad}: ")
+
+
+def test_agent_standalone_beside_its_runtimes(tiny_gguf, tmp_path):
+    """As on the Pi: agent.py, runtimes.py and ortlm.py alone in a folder, and pistill not importable."""
+    for name in ("agent.py", "runtimes.py", "ortlm.py"):
+        shutil.copy(AGENT.with_name(name), tmp_path / name)
+    args = ["agent.py", "--runtime", "llama_cpp", "--model", str(tiny_gguf), "--gen-tokens", "2", "--repeats", "1",
+            "--warmup", "0"]
+    code = (f"import runpy, sys; sys.modules['pistill'] = None; sys.argv = {args!r}; "
+            "runpy.run_path('agent.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    check_schema(json.loads(proc.stdout), "llama_cpp", [64], 2)
+
+
+class FakeRuntime:
+    """Counts calls; tokenizes to a fixed id list (or cannot tokenize at all)."""
+
+    def __init__(self, ids: list[int] | None):
+        self.ids, self.prefills, self.decodes = ids, [], 0
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.ids is None:
+            raise ImportError("no tokenizers package")
+        return self.ids
+
+    def prefill(self, ids: list[int]) -> int:
+        self.prefills.append(len(ids))
+        return 1
+
+    def decode(self, token: int) -> int:
+        self.decodes += 1
+        return token
+
+
+def test_measure_counts_runs_and_steps():
+    rt = FakeRuntime([5, 6, 7])
+    args = agent.parse_args(["--runtime", "torch", "--model", ".", "--prompt-tokens", "4,10", "--gen-tokens", "3",
+                             "--repeats", "2", "--warmup", "1", "--cooldown-s", "0"])
+    out = agent.measure(rt, [4, 10], args)
+    assert rt.prefills == [4, 10] * 3 and rt.decodes == 3 * 3  # warm-up + repeats
+    assert out["ttft_prompt_tokens"] == 4 and out["decode_context_tokens"] == 10
+    assert out["prefill_tps"] == out["prefill"][1]["tps"]  # at the longest prompt
+
+
+@pytest.mark.parametrize("ids, n, expected, source", [
+    ([5, 6, 7], 7, [5, 6, 7, 5, 6, 7, 5], "text"),
+    ([9], 2, [9, 9], "text"),
+    ([], 3, [3, 4, 5], "ids"),  # nothing tokenized: byte-level ids
+    (None, 3, [3, 4, 5], "ids"),  # cannot tokenize on this device
+])
+def test_synth_prompt(ids, n, expected, source):
+    assert agent.synth_prompt(FakeRuntime(ids), n) == (expected, source)
+
+
+@pytest.mark.parametrize("xs, q, expected", [
+    ([1.0], 99, 1.0), ([1.0, 3.0], 50, 2.0), ([4.0, 1.0, 2.0, 3.0], 0, 1.0), ([4.0, 1.0, 2.0, 3.0], 100, 4.0),
+    (list(map(float, range(101))), 95, 95.0),
+])
+def test_percentile(xs, q, expected):
+    assert agent.percentile(xs, q) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text, scale, expected", [("54321\n", 1e3, 54.321), ("garbage", 1e3, None), (None, 1, None)])
+def test_read_number(tmp_path, text, scale, expected):
+    path = tmp_path / "temp"
+    if text is not None:
+        path.write_text(text)
+    assert agent.read_number(path, scale) == (pytest.approx(expected) if expected else None)
+
+
+def test_throttled_is_none_off_a_pi(monkeypatch):
+    monkeypatch.setattr(agent.shutil, "which", lambda name: None)
+    assert agent.throttled() is None

@@ -1,0 +1,168 @@
+"""The report stage: rows from plain dicts, "–" for missing figures, and md/json from real artifact folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from pistill.artifact import ArtifactWriter, config_dict
+from pistill.report import (MISSING, ReportConfig, build_rows, cell, gguf_quant, markdown_table, model_label,
+                            run, teacher_metrics)
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    sparsity: float = 0.25
+    method: str = "wanda"
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class FakeONNXConfig:
+    precision: str = "int4"
+
+
+@dataclass(frozen=True)
+class FakeGGUFConfig:
+    outtype: str = "f16"
+    quants: tuple[str, ...] = ("Q4_K_M", "Q8_0")
+
+
+QUALITY = {
+    "teacher": {"params": 1_500_000, "bytes": 6_000_000},
+    "prune": {"params": 1_000_000, "bytes": 4_000_000, "ppl": 30.5, "agreement": 0.8, "kl": 0.25},
+    "quantize": {"params": 1_000_000, "bytes": 1_000_000, "ppl": 31.0, "agreement": 0.75, "kl": 0.3},
+    "distill": {"params": 1_000_000, "bytes": 4_000_000, "ppl": 28.0, "agreement": 0.85, "kl": 0.2},
+    "gguf": {"params": 1_000_000, "bytes": 800_000, "ppl": 28.4, "agreement": 0.84, "kl": 0.21},
+    "onnx": {"params": 1_000_000, "bytes": 900_000},  # no quality figures: "–"
+}
+SPEEDS = {
+    "teacher": {"prefill_tps": 100.0, "decode_tps": 20.0, "ttft_s": 0.25, "peak_rss_mb": 300.0, "load_s": 1.0},
+    "gguf": {"prefill_tps": 400.0, "decode_tps": 80.0, "ttft_s": 0.05, "peak_rss_mb": 50.0, "load_s": 0.1},
+    "prune": {"error": "agent: error: torch failed on x: OSError: boom"},
+}
+
+
+def write_artifact(root, stage, parents, metrics, cfg=None, model=None, files=None):
+    with ArtifactWriter(root / stage, stage, cfg or FakeConfig(), parents) as w:
+        for name, text in (files or {}).items():
+            (w.dir / name).write_text(text)
+        w.metrics.update(metrics)
+        w.model = model
+    return w.artifact
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Fake-but-real artifacts teacher ... bench, without any model weights."""
+    root = tmp_path_factory.mktemp("runs")
+    teacher = write_artifact(root, "teacher", [], QUALITY["teacher"], model={"format": "hf", "file": "."})
+    data = write_artifact(root, "data", [teacher], {"teacher_ppl": 25.0, "n_tokens": 1000})
+    arts = [teacher, data]
+    for stage, fmt in (("prune", "hf"), ("quantize", "hf"), ("distill", "hf"), ("gguf", "gguf"),
+                       ("onnx", "onnx")):
+        cfg = {"gguf": FakeGGUFConfig(), "onnx": FakeONNXConfig()}.get(stage)
+        arts.append(write_artifact(root, stage, [arts[-1]], QUALITY[stage], cfg, {"format": fmt, "file": "m"}))
+    bench_json = {s: {**v, "runtime": {"name": "torch", "version": "2.x"}} if "error" not in v else v
+                  for s, v in SPEEDS.items()}
+    bench_json["teacher"]["host"] = {"hostname": "pi5", "machine": "aarch64", "cores": 4, "python": "3.11"}
+    arts.append(write_artifact(root, "bench", arts[:1] + arts[2:], {}, files={"bench.json": json.dumps(bench_json)}))
+    return arts
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, MISSING), ("12", MISSING), (float("nan"), MISSING), (float("inf"), MISSING), (True, MISSING),
+    (12.345, "12.35"), (3, "3.00"),
+])
+def test_cell(value, expected):
+    assert cell(value, lambda v: f"{v:.2f}") == expected
+
+
+def test_teacher_ppl_prefers_teacher_then_data():
+    assert teacher_metrics({"ppl": 9.0}, {"teacher_ppl": 25.0}) == {"ppl": 9.0, "agreement": 1.0, "kl": 0.0}
+    assert teacher_metrics({"agreement": 0.99}, {})["agreement"] == 0.99  # a measured figure wins
+    assert teacher_metrics({}, {"teacher_ppl": 25.0})["ppl"] == 25.0
+    assert teacher_metrics({}, {"ppl": 24.0})["ppl"] == 24.0
+    assert teacher_metrics({}, {})["ppl"] is None
+
+
+def test_build_rows_order_values_and_missing():
+    labels = {"gguf": "student GGUF Q4_K_M"}
+    metrics = {s: QUALITY[s] for s in ("onnx", "teacher", "gguf")}  # order comes from the pipeline, not the dict
+    rows = build_rows(metrics, labels, SPEEDS)
+    assert [r["stage"] for r in rows] == ["teacher", "gguf", "onnx"]
+    assert rows[1]["name"] == "student GGUF Q4_K_M" and rows[1]["decode_tps"] == 80.0
+    assert rows[2]["ppl"] is None and rows[2]["decode_tps"] is None
+    table = markdown_table(rows).splitlines()
+    assert len(table) == 2 + 3
+    assert table[2].startswith("| teacher | 1.5M | 6.0 | – | – | – | 100.0 | 20.0 | 250 | 300 |")
+    assert table[4] == "| onnx | 1.0M | 0.9 | – | – | – | – | – | – | – |"  # params and size only
+
+
+def test_failed_bench_shows_missing_speeds():
+    row = build_rows({"prune": QUALITY["prune"]}, {}, SPEEDS)[0]
+    assert row["bench_error"].endswith("boom") and row["prefill_tps"] is None
+    assert markdown_table([row]).splitlines()[2].endswith("| – | – | – | – |")
+
+
+@pytest.mark.parametrize("manifest, expected", [
+    ({"config": {"outtype": "f16", "quants": ["Q4_K_M", "Q8_0"]}}, "Q4_K_M"),
+    ({"config": {"outtype": "f16", "quants": []}}, "F16"),
+    ({"config": {}}, None),
+    ({}, None),
+])
+def test_gguf_quant(manifest, expected):
+    assert gguf_quant(manifest) == expected
+
+
+def test_labels():
+    assert model_label("gguf", {"config": {"quants": ["Q4_K_S"]}}) == "student GGUF Q4_K_S"
+    assert model_label("gguf", {}) == "student GGUF"
+    assert model_label("quantize", {}) == "quantized teacher"
+    assert model_label("onnx", {"config": {"precision": "fp32"}}) == "student ONNX fp32"
+    assert model_label("onnx", {}) == "student ONNX"
+
+
+def test_report_md_and_json(pipeline, tmp_path):
+    art = run(pipeline, ReportConfig(), tmp_path / "report")
+    report, md = json.loads(art.file("report.json").read_text()), art.file("report.md").read_text()
+    assert report["schema_version"] == 1
+    assert [r["name"] for r in report["rows"]] == ["teacher", "pruned", "quantized teacher", "student",
+                                                    "student GGUF Q4_K_M", "student ONNX int4"]
+    teacher = report["rows"][0]
+    assert teacher["ppl"] == 25.0 and teacher["decode_tps"] == 20.0
+    assert report["recipe"]["prune"]["sparsity"] == 0.25 and report["recipe"]["gguf"]["quants"][0] == "Q4_K_M"
+    assert [s["stage"] for s in report["stages"]] == [a.stage for a in pipeline]
+    assert report["stages"][0]["environment"]["python"] and "| teacher | 0.0 s | cpu |" in md
+    assert "python" in report["versions"]
+    assert report["bench"]["host"]["hostname"] == "pi5" and "prune" in report["bench"]["errors"]
+    assert "| teacher | 1.5M | 6.0 | 25.00 | 100.0 | 0.000 | 100.0 | 20.0 | 250 | 300 |" in md
+    assert "| student GGUF Q4_K_M | 1.0M | 0.8 | 28.40 | 84.0 | 0.210 | 400.0 | 80.0 | 50 | 50 |" in md
+    assert "[prune]\nversion = 1\nsparsity = 0.25\nmethod = \"wanda\"\n# note = none" in md
+    assert "pi5 (aarch64, 4 cores" in md and "**prune failed**" in md
+    assert art.metrics["rows"] == 6
+
+
+def test_report_without_bench_or_data(pipeline, tmp_path):
+    """A partial pipeline still reports: no data, no bench -> no teacher ppl, no speeds, no crash."""
+    partial = [a for a in pipeline if a.stage not in ("data", "bench", "onnx")]
+    art = run(partial, ReportConfig(formats=["md"]), tmp_path / "report")
+    assert not art.file("report.json").exists()
+    md = art.file("report.md").read_text()
+    assert "| teacher | 1.5M | 6.0 | – | 100.0 | 0.000 | – | – | – | – |" in md and "ONNX" not in md
+
+
+@pytest.mark.parametrize("formats", [[], ["html"], ["md", "pdf"]])
+def test_config_rejects_bad_formats(formats):
+    with pytest.raises(ValueError, match="subset"):
+        ReportConfig(formats=formats)
+
+
+@pytest.mark.parametrize("cfg", [ReportConfig(), ReportConfig(formats=["json"])])
+def test_config_round_trip(cfg):
+    d = config_dict(cfg)
+    assert d.pop("version") == ReportConfig.VERSION
+    assert ReportConfig(**d) == cfg and dataclasses.asdict(cfg) == d
