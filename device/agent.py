@@ -146,7 +146,17 @@ def measure(rt, lengths: list[int], args: argparse.Namespace) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (1e6 bytes); ru_maxrss is KiB on Linux, bytes on macOS."""
+    """Peak resident set size of this process in MB (1e6 bytes).
+
+    Linux: VmHWM from /proc/self/status, because ru_maxrss survives fork+exec and would report the parent's
+    peak (the pipeline's) for an agent started as a subprocess. Elsewhere ru_maxrss (bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1e6 if sys.platform == "darwin" else rss * 1024 / 1e6
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-tensor bars; we show stages
     _setup_logging(args.verbose)
     from .artifact import ArtifactError
     from .models import TeacherError
@@ -60,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _setup_logging(verbose: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    # stdout carries only a command's result (the report path); logs and progress go to stderr
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=True)])
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
+                        handlers=[handler])
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -145,12 +145,14 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
                        batch_size: int = 8) -> list[dict]:
     """The teacher's sampled answers to chat prompts, deduplicated."""
     import torch
+    from rich.console import Console
     from rich.progress import track
 
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"
     out, seen = [], set()
-    for i in track(range(0, len(prompts), batch_size), description="teacher generating", transient=True):
+    for i in track(range(0, len(prompts), batch_size), description="teacher generating", transient=True,
+                   console=Console(stderr=True)):
         batch = prompts[i:i + batch_size]
         chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=False) for p in batch]
@@ -224,7 +226,7 @@ def run(inputs: list[Artifact], cfg: DataConfig, out: Path) -> Artifact:
             np.save(w.dir / f"{name}.npy", arr)
         np.savez(w.dir / "reference.npz", **ref)
         (w.dir / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generated))
-        w.metrics.update(teacher_ppl=float(np.exp(ref["nll"].mean())), n_tokens=int(ref["nll"].size),
+        w.metrics.update(teacher_ppl=float(np.exp(ref["nll"].mean())), n_tokens=int(heldout.size),
                          generated=len(generated), topk_mass=float(np.exp(ref["topk_logp"]).sum(-1).mean()),
                          train_docs=len(train_docs), heldout_docs=len(heldout_docs))
     return w.artifact

@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,8 @@ def run_stage(st: Stage, inputs: list[Artifact], cfg, out: Path, force: bool) ->
     old = existing(out)
     if old is not None and not force and old.key == input_key(st.name, cfg, inputs):
         return old, False
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run; never a finished artifact
+        shutil.rmtree(stale, ignore_errors=True)
     return st.load().run(inputs, cfg, out), True
 
 

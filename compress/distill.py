@@ -1,0 +1,370 @@
+"""Knowledge distillation: train the pruned student to match the teacher's next-token distribution, resumably."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from pistill.artifact import Artifact, ArtifactWriter, config_dict, input_key
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+TRAIN_LOG = "train_log.jsonl"
+
+
+# --- losses: pure functions ---------------------------------------------------------------------------------------
+
+def forward_kl(student_logits, teacher_logits, temperature: float = 1.0):
+    """KL(p_teacher || p_student) of temperature-softened distributions, times T^2, mean over positions.
+
+    Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531), Sec. 2:
+    q_i = exp(z_i / T) / sum_j exp(z_j / T); the soft-target gradients scale as 1/T^2, so the loss is multiplied
+    by T^2 to keep its weight against the hard loss when T changes. logits: (..., V) -> scalar.
+    """
+    import torch.nn.functional as F
+
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # (...,)
+    return kl.mean() * temperature**2
+
+
+def hard_ce(logits, labels):
+    """Cross-entropy with the true next tokens (Hinton et al. 2015's "hard targets"): (..., V), (...) -> scalar.
+
+    Labels equal to -100 are ignored.
+    """
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
+
+
+def distill_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
+    """alpha * hard_ce + (1 - alpha) * forward_kl: Hinton et al. 2015's weighted average of the two objectives.
+
+    Minitron (Muralidharan et al. 2024, arXiv:2407.14679) finds the logit KL alone (alpha = 0) works best.
+    """
+    loss = 0.0
+    if alpha > 0:
+        loss = alpha * hard_ce(student_logits, labels)
+    if alpha < 1:
+        loss = loss + (1 - alpha) * forward_kl(student_logits, teacher_logits, temperature)
+    return loss
+
+
+# --- config and schedule ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The distillation run: optimizer, schedule, loss, evaluation and checkpoints."""
+
+    VERSION: ClassVar[int] = 1
+    steps: int = 40  # optimizer steps
+    batch_size: int = 4  # blocks per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    warmup_steps: int = 4  # linear warm-up from lr / warmup_steps to lr
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices (never on norms)
+    clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    temperature: float = 1.0  # softmax temperature of the KL term
+    alpha: float = 0.0  # weight of the hard-label CE; 1 - alpha weighs the KL (Minitron: KL alone)
+    eval_every: int = 10  # held-out distillation loss every N steps; 0 turns it off
+    eval_blocks: int = 4  # held-out blocks for that periodic evaluation
+    ckpt_every: int = 10  # checkpoint every N steps (outside the artifact, for resuming); 0 turns it off
+    seed: int = 0  # data order and torch RNG
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "eval_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 0 (0 turns it off)")
+        if not self.lr > 0:
+            raise ValueError(f"lr = {self.lr} must be positive; try 1e-4 to 3e-4")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha = {self.alpha} must be in [0, 1]: the weight of the hard-label loss")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature = {self.temperature} must be positive; 1.0 is the plain distribution")
+        if self.weight_decay < 0 or self.clip < 0:
+            raise ValueError(f"weight_decay = {self.weight_decay} and clip = {self.clip} must be >= 0")
+
+
+def lr_factor(step: int, cfg: DistillConfig) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warm-up, then cosine to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(n_blocks: int, batch_size: int, index: int, seed: int) -> np.ndarray:
+    """Block indices of micro-batch `index`: each epoch is a permutation seeded by (seed, epoch), so the order is a
+    pure function of the position and a resumed run sees exactly the blocks an uninterrupted one would."""
+    pos = np.arange(index * batch_size, (index + 1) * batch_size)
+    epoch = pos // n_blocks
+    out = np.empty_like(pos)
+    for e in np.unique(epoch):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n_blocks)
+        out[epoch == e] = perm[pos[epoch == e] % n_blocks]
+    return out
+
+
+# --- checkpoints and log ------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, student, opt, sched, step: int, key: str) -> None:
+    """Model, optimizer, scheduler, step and RNG state, written to a temporary file and renamed (atomic)."""
+    import torch
+
+    state = {"step": step, "key": key, "model": student.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, student, opt, sched, key: str) -> int:
+    """Restore a checkpoint written for the same inputs and config; the step to resume from (0: none)."""
+    import torch
+
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["key"] != key:
+        log.warning("distill: %s belongs to another config or inputs; starting from step 0", path)
+        return 0
+    student.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log.info("distill: resuming from step %d (%s)", state["step"], path)
+    return state["step"]
+
+
+class TrainLog:
+    """JSONL training log kept beside the checkpoint; rows after the resumed step are dropped (they are redone)."""
+
+    def __init__(self, path: Path | None, resume_step: int):
+        self.path = path
+        self.rows: list[dict] = []
+        if path is not None and path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if r["step"] <= resume_step]
+        if path is not None:
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def summary(self) -> dict:
+        train = [r for r in self.rows if "loss" in r]
+        if not train:
+            return {"steps": 0}
+        evals = [r for r in self.rows if "eval_loss" in r]
+        out = {"steps": train[-1]["step"], "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"],
+               "tokens_per_s": sum(r["tokens"] for r in train) / sum(r["step_s"] for r in train)}
+        return out | ({"eval_loss": evals[-1]["eval_loss"]} if evals else {})
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+def _autocast(device):
+    import torch
+
+    # bf16 autocast on CUDA only: CPU bf16 matmuls are several times slower than float32
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def micro_loss(student, teacher, x, cfg: DistillConfig):
+    """The distillation loss of one micro-batch x (B, T): next-token positions 0..T-2 of both models."""
+    import torch
+
+    with torch.no_grad(), _autocast(x.device):
+        t_logits = teacher(input_ids=x, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+    with _autocast(x.device):
+        s_logits = student(input_ids=x, use_cache=False).logits[:, :-1]
+    return distill_loss(s_logits, t_logits, x[:, 1:], cfg.alpha, cfg.temperature)
+
+
+def _train_step(student, teacher, blocks: np.ndarray, step: int, opt, sched, cfg: DistillConfig) -> dict:
+    """One optimizer step over cfg.grad_accum micro-batches; the mean loss and the gradient norm."""
+    import torch
+
+    device, total = student.device, 0.0
+    for micro in range(cfg.grad_accum):
+        idx = batch_indices(len(blocks), cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed)
+        x = torch.as_tensor(blocks[idx].astype(np.int64), device=device)
+        loss = micro_loss(student, teacher, x, cfg) / cfg.grad_accum
+        loss.backward()
+        total += loss.item()
+    params = [p for p in student.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": total, "grad_norm": float(norm)}
+
+
+def evaluate_loss(student, teacher, heldout: np.ndarray, cfg: DistillConfig) -> float:
+    """Mean distillation loss on held-out blocks, one block at a time."""
+    import torch
+
+    student.eval()
+    with torch.no_grad():
+        losses = [micro_loss(student, teacher, torch.as_tensor(b[None].astype(np.int64), device=student.device),
+                             cfg).item() for b in heldout[: cfg.eval_blocks]]
+    student.train()
+    return float(np.mean(losses))
+
+
+def make_optimizer(student, cfg: DistillConfig):
+    """AdamW with decay on matrices only (not norms or biases, as in nanoGPT), and the warm-up + cosine schedule."""
+    import torch
+
+    params = list(student.parameters())  # tied embeddings appear once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg=cfg))
+
+
+def _resume(work_dir: Path | None, student, opt, sched, key: str) -> tuple[Path | None, int, TrainLog]:
+    """The checkpoint path, the step to start from and the log, restoring a matching checkpoint in `work_dir`."""
+    if work_dir is None:
+        return None, 0, TrainLog(None, 0)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    start = load_checkpoint(work_dir / CHECKPOINT, student, opt, sched, key)
+    return work_dir / CHECKPOINT, start, TrainLog(work_dir / TRAIN_LOG, start)
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=Console(stderr=True))  # stdout is for a command's output
+
+
+def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: DistillConfig,
+          work_dir: Path | None = None, key: str = "") -> dict:
+    """Distil `teacher` into `student` (in place) on `blocks` (N, T); summary of the run (`TrainLog.summary`).
+
+    With `work_dir`, a checkpoint and the JSONL log live there, and a rerun with the same `key` resumes.
+    """
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    key = key or json.dumps(config_dict(cfg), sort_keys=True)
+    opt, sched = make_optimizer(student, cfg)
+    ckpt, start, tlog = _resume(work_dir, student, opt, sched, key)
+    tokens = cfg.batch_size * cfg.grad_accum * blocks.shape[1]
+    student.train()
+    with _progress() as bar:
+        task = bar.add_task("distill", total=cfg.steps, completed=start, loss=float("nan"), tps=0.0)
+        for step in range(start, cfg.steps):
+            t0, lr = time.perf_counter(), sched.get_last_lr()[0]  # the lr this step uses
+            row = {"step": step + 1, **_train_step(student, teacher, blocks, step, opt, sched, cfg),
+                   "lr": lr, "tokens": tokens, "step_s": time.perf_counter() - t0}
+            tlog.add(row | {"tokens_per_s": tokens / row["step_s"]})
+            bar.update(task, advance=1, loss=row["loss"], tps=tokens / row["step_s"])
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                tlog.add({"step": step + 1, "eval_loss": evaluate_loss(student, teacher, heldout, cfg)})
+            if ckpt is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+                save_checkpoint(ckpt, student, opt, sched, step + 1, key)
+    student.eval()
+    return tlog.summary()
+
+
+# --- the stage ----------------------------------------------------------------------------------------------------
+
+def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:
+    """Refuse to distil across vocabularies: the KL compares the two models' logits token id by token id."""
+    from pistill.models import load_tokenizer, read_config
+
+    a, b = Path(teacher_dir) / "tokenizer.json", Path(student_dir) / "tokenizer.json"
+    if not (a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()):
+        va, vb = load_tokenizer(teacher_dir).get_vocab(), load_tokenizer(student_dir).get_vocab()
+        if va != vb:
+            diff = sorted(set(va.items()) ^ set(vb.items()), key=lambda kv: kv[1])[:3]
+            raise ValueError(f"the teacher ({teacher_dir}, {len(va)} tokens) and the student ({student_dir}, "
+                             f"{len(vb)} tokens) have different tokenizers, e.g. {diff}; distillation needs one "
+                             "vocabulary: start the student from the teacher (the prune stage) or share its tokenizer")
+    vt, vs = read_config(teacher_dir)["vocab_size"], read_config(student_dir)["vocab_size"]
+    if vt != vs:
+        raise ValueError(f"teacher vocab_size {vt} != student vocab_size {vs}: the logits cannot be compared; "
+                         "start the student from the teacher (the prune stage)")
+
+
+def training_blocks(data: Artifact, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The train and held-out blocks of a data artifact, checked against the student's vocabulary."""
+    from pistill.data import load_blocks
+
+    blocks, heldout = load_blocks(data, "train"), load_blocks(data, "heldout")
+    if max(blocks.max(), heldout.max()) >= vocab_size:
+        raise ValueError(f"the data holds token ids >= the student's vocab_size {vocab_size}; it was built with "
+                         "another tokenizer: rebuild the data artifact from this teacher")
+    return blocks, heldout
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where checkpoints live: beside the artifact, outside its temporary folder, so a killed run resumes."""
+    return out.parent / f".{out.name}.ckpt"
+
+
+def run(inputs: list[Artifact], cfg: DistillConfig, out: Path) -> Artifact:
+    """Distil the (quantized) teacher into the pruned student and save the student as an HF folder."""
+    import torch
+
+    from pistill.evaluate import evaluate_torch
+    from pistill.models import (check_architecture, count_params, load_model, read_config, save_model, torch_device,
+                                weight_bytes)
+
+    from .quantize import load_teacher
+
+    teacher_a, student_a, data = inputs
+    t_dir, s_dir = teacher_a.model_path(), student_a.model_path()
+    s_cfg = read_config(s_dir)
+    check_architecture(s_cfg, str(s_dir))
+    check_tokenizers(t_dir, s_dir)  # before any weight is loaded
+    blocks, heldout = training_blocks(data, s_cfg["vocab_size"])
+    work = checkpoint_dir(out)
+    with ArtifactWriter(out, "distill", cfg, inputs) as w:  # the whole run inside, so wall_s counts training
+        teacher, student = load_teacher(t_dir, torch_device()), load_model(s_dir)
+        summary = train(student, teacher, blocks, heldout, cfg, work, input_key("distill", cfg, inputs))
+        del teacher
+        log.info("distill: %d steps, loss %.4f -> %.4f, %.0f tok/s", summary["steps"], summary["loss_first"],
+                 summary["loss_last"], summary["tokens_per_s"])
+        w.metrics.update(evaluate_torch(student, data))
+        student.to(getattr(torch, s_cfg.get("dtype") or s_cfg.get("torch_dtype") or "float32"))
+        save_model(student, s_dir, w.dir)
+        shutil.copy2(work / TRAIN_LOG, w.dir / TRAIN_LOG)
+        w.model = {"format": "hf", "file": "."}
+        w.metrics.update(params=count_params(student), bytes=weight_bytes(w.dir), **summary)
+    shutil.rmtree(work, ignore_errors=True)  # the artifact is complete; the checkpoint has served
+    return w.artifact

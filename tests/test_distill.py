@@ -1,0 +1,246 @@
+"""pistill.compress.distill: losses by hand, schedule, data order, training, kill-and-resume, the stage."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pistill.artifact import Artifact, config_dict
+from pistill.compress import distill
+from pistill.compress.distill import (CHECKPOINT, TRAIN_LOG, DistillConfig, batch_indices, check_tokenizers,
+                                      distill_loss, forward_kl, hard_ce, lr_factor, train)
+
+torch.set_num_threads(1)
+
+LN3 = math.log(3.0)
+
+
+def load(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_model, tmp_path_factory):
+    """The tiny model with its MLPs pruned to 64 channels: the student."""
+    from pistill.compress.prune import PruneConfig, prune
+    from pistill.models import save_model
+
+    out = tmp_path_factory.mktemp("student")
+    model = load(tiny_model)
+    prune(model, blocks(4), PruneConfig())
+    save_model(model, tiny_model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model):
+    """The tiny model with a sharper output (final norm x20) so there is a real distribution to match."""
+    model = load(tiny_model).eval()
+    model.model.norm.weight.data *= 20
+    return model
+
+
+def blocks(n: int = 16, t: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 500, (n, t)).astype(np.int32)
+
+
+# --- losses -------------------------------------------------------------------------------------------------------
+
+def test_kl_of_identical_logits_is_zero():
+    x = torch.randn(2, 3, 7)
+    assert forward_kl(x, x.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature, want", [
+    (1.0, 0.75 * math.log(1.5) + 0.25 * math.log(0.5)),  # p = (3/4, 1/4), q = (1/2, 1/2)
+    (2.0, 4 * ((p := 3**0.5 / (3**0.5 + 1)) * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p)))),  # x T^2
+])
+def test_forward_kl_by_hand(temperature, want):
+    teacher, student = torch.tensor([[LN3, 0.0]]), torch.tensor([[0.0, 0.0]])
+    assert forward_kl(student, teacher, temperature).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_hard_ce_by_hand_and_ignore_index():
+    logits = torch.tensor([[[LN3, 0.0], [0.0, 0.0]]])  # (1, 2, 2)
+    assert hard_ce(logits, torch.tensor([[0, -100]])).item() == pytest.approx(-math.log(0.75), rel=1e-6)
+    assert hard_ce(logits, torch.tensor([[1, 1]])).item() == pytest.approx((-math.log(0.25) + math.log(2)) / 2)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_distill_loss_blends(alpha):
+    s, t, y = torch.randn(2, 4, 9), torch.randn(2, 4, 9), torch.randint(0, 9, (2, 4))
+    want = alpha * hard_ce(s, y) + (1 - alpha) * forward_kl(s, t, 2.0)
+    assert float(distill_loss(s, t, y, alpha, 2.0)) == pytest.approx(float(want), rel=1e-6)
+
+
+# --- config, schedule, data order ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [DistillConfig(), DistillConfig(steps=3, grad_accum=2, alpha=0.5, temperature=2.0,
+                                                                eval_every=0, ckpt_every=0, threads=1)])
+def test_config_round_trip(cfg):
+    d = config_dict(cfg)
+    assert d.pop("version") == DistillConfig.VERSION
+    assert DistillConfig(**json.loads(json.dumps(d))) == cfg
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"steps": 0}, "steps = 0"), ({"batch_size": 0}, "batch_size = 0"), ({"grad_accum": 0}, "grad_accum = 0"),
+    ({"lr": 0.0}, "lr = 0.0"), ({"min_lr_ratio": 2.0}, "min_lr_ratio = 2.0"), ({"alpha": -0.1}, "alpha = -0.1"),
+    ({"temperature": 0.0}, "temperature = 0.0"), ({"ckpt_every": -1}, "ckpt_every = -1"), ({"clip": -1.0}, "clip"),
+])
+def test_config_rejects_bad_values(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        DistillConfig(**kwargs)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    cfg = DistillConfig(steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg) for s in range(10)]
+    assert f[:3] == [0.5, 1.0, 1.0] and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))
+
+
+def test_batch_order_is_deterministic_epochs_are_permutations():
+    seen = np.concatenate([batch_indices(10, 4, i, seed=3) for i in range(5)])  # two epochs of 10 blocks
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert np.array_equal(batch_indices(10, 4, 2, seed=3), batch_indices(10, 4, 2, seed=3))
+    assert not np.array_equal(seen[:10], np.concatenate([batch_indices(10, 4, i, 4) for i in range(5)])[:10])
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+def test_distillation_reduces_loss(teacher, student_dir):
+    cfg = DistillConfig(steps=20, lr=3e-3, warmup_steps=2, eval_every=10, eval_blocks=2)
+    summary = train(load(student_dir), teacher, blocks(), blocks(2, seed=1), cfg)
+    assert summary["steps"] == 20 and summary["tokens_per_s"] > 0
+    assert summary["loss_last"] < 0.9 * summary["loss_first"]
+    assert np.isfinite(summary["eval_loss"])
+
+
+@pytest.mark.gpu
+def test_distillation_on_cuda_with_bf16_autocast(teacher, student_dir):
+    cfg = DistillConfig(steps=20, lr=3e-3, warmup_steps=2, eval_every=10, eval_blocks=2)
+    summary = train(load(student_dir).cuda(), teacher.cuda(), blocks(), blocks(2, seed=1), cfg)
+    teacher.cpu()
+    assert summary["loss_last"] < 0.9 * summary["loss_first"]
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(teacher, student_dir, tmp_path, monkeypatch):
+    cfg = DistillConfig(steps=6, lr=3e-3, warmup_steps=1, grad_accum=2, batch_size=2, eval_every=0, ckpt_every=2)
+    data = blocks()
+    whole = load(student_dir)
+    want = train(whole, teacher, data, data[:2], cfg, tmp_path / "whole")
+
+    real_step, calls = distill._train_step, []
+
+    def killed_after_3(*args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real_step(*args)
+
+    monkeypatch.setattr(distill, "_train_step", killed_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(load(student_dir), teacher, data, data[:2], cfg, tmp_path / "resumed")
+    monkeypatch.setattr(distill, "_train_step", real_step)
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["step"] == 2
+    resumed = load(student_dir)  # a fresh process: weights come back from the checkpoint
+    got = train(resumed, teacher, data, data[:2], cfg, tmp_path / "resumed")
+    assert got["steps"] == want["steps"] == 6
+    assert got["loss_last"] == pytest.approx(want["loss_last"], rel=1e-4)
+    assert got["loss_first"] == want["loss_first"]
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / TRAIN_LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # step 3 was redone, not logged twice
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(teacher, student_dir, tmp_path):
+    data = blocks()
+    train(load(student_dir), teacher, data, data[:2], DistillConfig(steps=2, ckpt_every=2, eval_every=0), tmp_path)
+    summary = train(load(student_dir), teacher, data, data[:2], DistillConfig(steps=2, lr=1e-3, eval_every=0),
+                    tmp_path)
+    assert summary["steps"] == 2 and len((tmp_path / TRAIN_LOG).read_text().splitlines()) == 2
+
+
+# --- the stage ----------------------------------------------------------------------------------------------------
+
+def swapped_tokenizer_copy(src, dst):
+    """Config and tokenizer of `src` (no weights) with the ids of two tokens swapped: a different vocabulary."""
+    import shutil
+
+    dst.mkdir()
+    for name in ("config.json", "tokenizer_config.json"):
+        shutil.copy2(src / name, dst / name)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    return dst
+
+
+def test_tokenizer_mismatch_is_refused(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="different tokenizers"):
+        check_tokenizers(tiny_model, swapped_tokenizer_copy(tiny_model, tmp_path / "other"))
+    check_tokenizers(tiny_model, tiny_model)
+
+
+def test_run_refuses_mismatched_tokenizers_before_loading(tiny_model, tiny_data, tmp_path):
+    other = swapped_tokenizer_copy(tiny_model, tmp_path / "other")  # holds no weights
+    art = lambda p: Artifact(p, {"stage": "x", "id": str(p), "model": {"format": "hf", "file": "."}})  # noqa: E731
+    with pytest.raises(ValueError, match="different tokenizers"):
+        distill.run([art(tiny_model), art(other), tiny_data], DistillConfig(), tmp_path / "distill")
+    assert not (tmp_path / "distill").exists()
+
+
+def test_run_trains_and_writes_the_student(tiny_teacher, tiny_data, tmp_path, capfd):
+    from pistill.compress.prune import PruneConfig
+    from pistill.compress.prune import run as prune_run
+    from pistill.compress.quantize import QuantizeConfig
+    from pistill.compress.quantize import run as quantize_run
+
+    pruned = prune_run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path / "prune")
+    teacher_q = quantize_run([tiny_teacher, pruned, tiny_data], QuantizeConfig(bench_blocks=1), tmp_path / "q")
+    cfg = DistillConfig(steps=3, warmup_steps=1, eval_every=2, eval_blocks=1, ckpt_every=2)
+    capfd.readouterr()
+    art = distill.run([teacher_q, pruned, tiny_data], cfg, tmp_path / "distill")
+    assert capfd.readouterr().out == ""  # progress goes to stderr; stdout is for a command's output
+    m = art.metrics
+    assert m["steps"] == 3 and m["params"] == pruned.metrics["params"]
+    for key in ("bytes", "ppl", "agreement", "kl", "loss_first", "loss_last", "tokens_per_s", "eval_loss"):
+        assert np.isfinite(m[key]), key
+    rows = (art.path / TRAIN_LOG).read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 2, 3]  # step 2 has a training and an eval row
+    assert not distill.checkpoint_dir(tmp_path / "distill").exists()
+    assert load(art.model_path()).config.intermediate_size == 64
+
+
+def test_killed_run_resumes_from_its_checkpoint(tiny_teacher, tiny_data, tmp_path, monkeypatch):
+    from pistill.compress.prune import PruneConfig
+    from pistill.compress.prune import run as prune_run
+
+    pruned = prune_run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path / "prune")
+    cfg = DistillConfig(steps=4, warmup_steps=1, eval_every=0, ckpt_every=2)
+    inputs, out = [tiny_teacher, pruned, tiny_data], tmp_path / "distill"
+    real_step = distill._train_step
+
+    def killed_at_step_3(student, teacher, blocks, step, *rest):
+        if step == 2:
+            raise KeyboardInterrupt("killed")
+        return real_step(student, teacher, blocks, step, *rest)
+
+    monkeypatch.setattr(distill, "_train_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(inputs, cfg, out)
+    assert not out.exists() and (distill.checkpoint_dir(out) / CHECKPOINT).is_file()
+    monkeypatch.setattr(distill, "_train_step", real_step)
+    art = distill.run(inputs, cfg, out)
+    rows = [json.loads(r) for r in (art.path / TRAIN_LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and art.metrics["steps"] == 4
+    assert not distill.checkpoint_dir(out).exists()
