@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pistill-installed
 
-.PHONY: install edge test test-fast bench clean
+.PHONY: install system-deps edge test test-fast clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml
 edge: install
 	$(BIN)/pistill run $(RECIPE) $(if $(PI),--target $(PI)) $(if $(OUT),--out $(OUT))
 
-test: install
+system-deps:
+	bash tests/system-deps.sh
+
+test: system-deps install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
