@@ -1,12 +1,14 @@
 """On-device benchmark agent: time one model in one runtime and print one JSON object (stdlib + the runtime).
 
-    python3 agent.py --runtime llama_cpp --model student.gguf --threads 4 --prompt-tokens 32,128 --gen-tokens 64
+    python3 agent.py --runtime llama_cpp --model student.gguf --threads 4,1,2 --prompt-tokens 32,128 --gen-tokens 64
 
 Runs on a Pi with only agent.py, runtimes.py and ortlm.py copied side by side, so it imports nothing from pistill.
 Prefill of the first prompt length gives the time to first token (prefill returns the first generated token),
 `prefill_tps` is taken at the longest prompt, and decode runs `--gen-tokens` single steps continuing the last
 prompt. Figures are medians over `--repeats` timed runs after `--warmup` untimed ones, with `--cooldown-s` of
-rest between runs; decode latency percentiles pool every timed step.
+rest between runs; decode latency percentiles pool every timed step. Each `--threads` count loads the model
+afresh (`sweep`); the top-level figures are those of the first count. A memory-copy probe (`--bandwidth-mb`) gives
+the bandwidth that bounds decode: `decode_bw_fraction` = model bytes x decode tok/s / copy bandwidth.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ try:
 except ImportError:  # standalone on the device: runtimes.py sits beside this file
     import runtimes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: thread sweep, memory bandwidth, throttle flags
 PROMPT_TEXT = (  # fixed English text, tokenized by the runtime and cycled to the wanted length
     "The Raspberry Pi is a series of small single-board computers developed in the United Kingdom. "
     "It is widely used in education, robotics and home automation because it is cheap, quiet and draws "
@@ -39,6 +41,11 @@ PROMPT_TEXT = (  # fixed English text, tokenized by the runtime and cycled to th
 FALLBACK_IDS = range(3, 259)  # byte-level ids present in any BPE vocabulary, when the runtime cannot tokenize
 THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")  # millidegrees Celsius
 CPUFREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")  # kHz
+THROTTLE_BITS = {  # `vcgencmd get_throttled` bits (Raspberry Pi firmware)
+    0: "under-voltage now", 1: "ARM frequency capped now", 2: "throttled now", 3: "soft temperature limit now",
+    16: "under-voltage has occurred", 17: "ARM frequency capping has occurred", 18: "throttling has occurred",
+    19: "soft temperature limit has occurred",
+}
 
 
 class AgentError(Exception):
@@ -55,38 +62,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(description=__doc__.splitlines()[0])
     p.add_argument("--runtime", required=True, help="one of: " + ", ".join(sorted(runtimes.RUNTIMES)))
     p.add_argument("--model", required=True, help="model file or folder the runtime loads")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for the runtime")
+    p.add_argument("--threads", default="2", help="CPU threads, or a sweep such as 4,1,2 (the first is the headline)")
     p.add_argument("--prompt-tokens", default="64", help="comma-separated prompt lengths, e.g. 32,128")
     p.add_argument("--gen-tokens", type=int, default=32, help="decode steps per run")
     p.add_argument("--repeats", type=int, default=2, help="timed runs")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     p.add_argument("--cooldown-s", type=float, default=1.0, help="rest between runs, in seconds")
+    p.add_argument("--bandwidth-mb", type=int, default=64, help="memory-copy probe buffer in MB (0: no probe)")
     return p.parse_args(argv)
 
 
-def prompt_lengths(spec: str) -> list[int]:
+def int_list(spec: str, flag: str) -> list[int]:
+    """"32,128" -> [32, 128], every item positive."""
     try:
-        lengths = [int(x) for x in spec.split(",")]
+        items = [int(x) for x in spec.split(",")]
     except ValueError:
-        raise AgentError(f"--prompt-tokens '{spec}' is not a list of integers; pass e.g. 32,128") from None
-    if not lengths or min(lengths) < 1:
-        raise AgentError(f"--prompt-tokens '{spec}' needs positive lengths; pass e.g. 32,128")
-    return lengths
+        raise AgentError(f"{flag} '{spec}' is not a list of integers; pass e.g. 32,128") from None
+    if not items or min(items) < 1:
+        raise AgentError(f"{flag} '{spec}' needs positive numbers; pass e.g. 32,128")
+    return items
 
 
-def check_args(args: argparse.Namespace) -> list[int]:
-    """Validate before loading anything; returns the prompt lengths."""
+def check_args(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """Validate before loading anything; returns the prompt lengths and the thread counts."""
     if args.runtime not in runtimes.RUNTIMES:
         raise AgentError(f"runtime '{args.runtime}' is not supported; supported: "
                          + ", ".join(sorted(runtimes.RUNTIMES)))
     if not Path(args.model).exists():
         raise AgentError(f"model not found: {args.model}")
-    for name in ("threads", "gen_tokens", "repeats"):
+    for name in ("gen_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise AgentError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
-    if args.warmup < 0 or args.cooldown_s < 0:
-        raise AgentError("--warmup and --cooldown-s must not be negative")
-    return prompt_lengths(args.prompt_tokens)
+    if args.warmup < 0 or args.cooldown_s < 0 or args.bandwidth_mb < 0:
+        raise AgentError("--warmup, --cooldown-s and --bandwidth-mb must not be negative")
+    return int_list(args.prompt_tokens, "--prompt-tokens"), int_list(args.threads, "--threads")
 
 
 def synth_prompt(rt, n: int) -> tuple[list[int], str]:
@@ -179,8 +188,48 @@ def throttled() -> str | None:
     return out.strip().partition("=")[2] or None
 
 
+def throttle_flags(value: str | None) -> list[str] | None:
+    """The named bits of a `get_throttled` value ("0x50005" -> under-voltage now, ...); None when unknown."""
+    try:
+        bits = int(value, 16)
+    except (TypeError, ValueError):
+        return None
+    return [name for bit, name in THROTTLE_BITS.items() if bits >> bit & 1]
+
+
 def thermal_state() -> dict:
-    return {"temp_c": read_number(THERMAL, 1e3), "cpu_mhz": read_number(CPUFREQ, 1e3), "throttled": throttled()}
+    state = throttled()
+    return {"temp_c": read_number(THERMAL, 1e3), "cpu_mhz": read_number(CPUFREQ, 1e3), "throttled": state,
+            "throttled_flags": throttle_flags(state)}
+
+
+def bandwidth(mb: int, threads: int, repeats: int = 3) -> dict:
+    """Memory-copy bandwidth: bytes read plus written per second copying an `mb` MB buffer split over `threads`
+    threads (numpy releases the GIL while copying), best of `repeats`. Decode streams every weight once per
+    token, so this bounds decode tok/s at about bandwidth / model bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    n = mb * 1_000_000
+    src, dst = np.ones(n, np.uint8), np.zeros(n, np.uint8)  # both touched: pages are resident before timing
+    step = -(-n // threads)
+    spans = [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    with ThreadPoolExecutor(threads) as pool:
+        def copy() -> float:
+            t0 = time.perf_counter()
+            list(pool.map(lambda sl: np.copyto(dst[sl], src[sl]), spans))
+            return time.perf_counter() - t0
+        copy()
+        best = min(copy() for _ in range(repeats))
+    return {"gbs": 2 * n / best / 1e9, "buffer_mb": mb, "threads": threads, "method": "numpy copyto"}
+
+
+def bw_fraction(model_bytes: int, decode_tps: float, bw: dict | None) -> float | None:
+    """Weight bytes x tokens/s over the copy bandwidth: how close decode runs to the memory limit."""
+    if not bw or not bw.get("gbs"):
+        return None
+    return model_bytes * decode_tps / (bw["gbs"] * 1e9)
 
 
 def host() -> dict:
@@ -192,23 +241,40 @@ def host() -> dict:
     }
 
 
-def benchmark(args: argparse.Namespace, lengths: list[int]) -> dict:
-    before = thermal_state()
+def run_at(args: argparse.Namespace, lengths: list[int], threads: int) -> tuple[dict, str | None]:
+    """Load the model with `threads` threads, time it, close it; returns (figures, runtime version)."""
     t0 = time.perf_counter()
-    rt = runtimes.get_runtime(args.runtime)(args.model, args.threads)
+    rt = runtimes.get_runtime(args.runtime)(args.model, threads)
     load_s = time.perf_counter() - t0
     try:
         figures = measure(rt, lengths, args)
     finally:
         rt.close()
+    return {"threads": threads, "load_s": load_s, **figures}, getattr(rt, "version", None)
+
+
+def benchmark(args: argparse.Namespace, lengths: list[int], threads: list[int]) -> dict:
+    before, sweep, version = thermal_state(), [], None
+    for i, n in enumerate(threads):
+        if i:
+            time.sleep(args.cooldown_s)
+        entry, version = run_at(args, lengths, n)
+        sweep.append(entry)
+    rss = peak_rss_mb()  # before the bandwidth probe's buffers
+    after = thermal_state()
+    bw = bandwidth(args.bandwidth_mb, threads[0]) if args.bandwidth_mb else None
+    size = model_bytes(Path(args.model))
+    for entry in sweep:
+        entry["decode_bw_fraction"] = bw_fraction(size, entry["decode_tps"], bw)
     return {
         "schema_version": SCHEMA_VERSION, "host": host(),
-        "runtime": {"name": args.runtime, "version": getattr(rt, "version", None)},
-        "model": {"path": str(args.model), "bytes": model_bytes(Path(args.model))},
-        "settings": {"threads": args.threads, "prompt_tokens": lengths, "gen_tokens": args.gen_tokens,
-                     "repeats": args.repeats, "warmup": args.warmup, "cooldown_s": args.cooldown_s},
-        "load_s": load_s, **figures, "peak_rss_mb": peak_rss_mb(),
-        "thermal": {"before": before, "after": thermal_state()},
+        "runtime": {"name": args.runtime, "version": version},
+        "model": {"path": str(args.model), "bytes": size},
+        "settings": {"threads": threads[0], "thread_sweep": threads, "prompt_tokens": lengths,
+                     "gen_tokens": args.gen_tokens, "repeats": args.repeats, "warmup": args.warmup,
+                     "cooldown_s": args.cooldown_s, "bandwidth_mb": args.bandwidth_mb},
+        **sweep[0], "sweep": sweep, "peak_rss_mb": rss, "bandwidth": bw,
+        "thermal": {"before": before, "after": after},
     }
 
 
@@ -227,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     stdout = os.dup(1)
     os.dup2(2, 1)  # runtimes' own chatter (C code included) goes to stderr; stdout carries only the JSON
     try:
-        result = benchmark(args, check_args(args))
+        result = benchmark(args, *check_args(args))
     except AgentError as e:
         sys.stderr.write(f"agent: error: {e}\n")
         return 2

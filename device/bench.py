@@ -1,10 +1,13 @@
-"""The bench stage: time every model artifact with the device agent, one subprocess per model."""
+"""The bench stage: time every model artifact with the device agent, here (a subprocess each) or on SSH devices.
+
+`target = "local"` runs the agent on this machine. Any other target, or a fleet (`targets`, `inventory`), goes
+through `fleet`: each device is checked, provisioned, sent the models over SFTP and benchmarked, in parallel.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import signal
 import subprocess
 import sys
@@ -15,45 +18,98 @@ from typing import ClassVar
 from pistill.artifact import Artifact, ArtifactWriter
 
 from .runtimes import runtime_for_format
+from .target import LOCAL, check_spec
 
 log = logging.getLogger(__name__)
 
 AGENT = Path(__file__).with_name("agent.py")
+AGENT_FILES = ("agent.py", "runtimes.py", "ortlm.py")  # what the device needs beside the runtime
 SUMMARY = ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "load_s")  # per-stage metrics of the artifact
-_SSH_TARGET = re.compile(r"^[\w.-]+@[\w.-]+$")
+HF_ON_DEVICE = ("gguf", "torch", "skip")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Where and how hard to time the models."""
 
-    VERSION: ClassVar[int] = 1
-    target: str = "local"  # where the agent runs: "local" (this machine); "user@host" (SSH) is not there yet
-    threads: int = 2  # CPU threads per runtime
+    VERSION: ClassVar[int] = 2
+    target: str = LOCAL  # "local" (this machine), "user@host[:port]", or a Host alias from ~/.ssh/config
+    targets: list[str] = field(default_factory=list)  # a fleet, benchmarked in parallel (instead of `target`)
+    inventory: str = ""  # a file naming the fleet, one target per line ('#' comments), instead of `targets`
+    threads: int = 2  # CPU threads per runtime (the headline figures)
+    thread_sweep: list[int] = field(default_factory=list)  # more thread counts to time as well, e.g. [1, 4]
     prompt_tokens: list[int] = field(default_factory=lambda: [64])  # prompt lengths; the first gives TTFT
     gen_tokens: int = 32  # decode steps per run
     repeats: int = 2  # timed runs per model (medians reported)
     warmup: int = 1  # untimed runs before the timed ones
+    cooldown_s: float = 1.0  # rest between runs, so a Pi's clock recovers from the previous one
+    bandwidth_mb: int = 64  # memory-copy probe buffer in MB, for decode as a fraction of bandwidth; 0 = no probe
     timeout_s: int = 600  # hard limit per model; past it the model is recorded as failed
+    remote_cache: str = "~/.cache/pistill"  # on the devices: blobs, trees, the venv
+    python: str = ""  # the devices' python that has the runtimes; "" = pistill's venv in remote_cache (built)
+    llama_cpp_lib: str = ""  # folder on the devices with your own llama.cpp build's libllama.so; "" = build one
+    hf_on_device: str = "gguf"  # HF models on a device: "gguf" (as the GGUF artifact's quant), "torch", "skip"
 
     def __post_init__(self):
-        if _SSH_TARGET.match(self.target):
-            raise ValueError(f"target '{self.target}': SSH deployment is not implemented yet; use target = \"local\"")
-        if self.target != "local":
-            raise ValueError(f"target '{self.target}' is not understood; use \"local\"")
+        self._check_targets()
         if not self.prompt_tokens or any(not isinstance(n, int) or n < 1 for n in self.prompt_tokens):
             raise ValueError(f"prompt_tokens {self.prompt_tokens} must be positive integers, e.g. [64] or [32, 128]")
+        if any(not isinstance(n, int) or n < 1 for n in self.thread_sweep):
+            raise ValueError(f"thread_sweep {self.thread_sweep} must be positive integers, e.g. [1, 4]")
         for name in ("threads", "gen_tokens", "repeats", "timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
-        if self.warmup < 0:
-            raise ValueError(f"warmup = {self.warmup} must be 0 or more")
+        for name in ("warmup", "cooldown_s", "bandwidth_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be 0 or more")
+        if self.hf_on_device not in HF_ON_DEVICE:
+            raise ValueError(f"hf_on_device = '{self.hf_on_device}' is not one of {', '.join(HF_ON_DEVICE)}")
+        if not self.remote_cache.strip():
+            raise ValueError("remote_cache is empty; use a folder on the devices, e.g. \"~/.cache/pistill\"")
+
+    def _check_targets(self):
+        for spec in [self.target, *self.targets]:
+            if spec != LOCAL:
+                check_spec(spec)
+        sources = [n for n, on in (("target", self.target != LOCAL), ("targets", self.targets),
+                                   ("inventory", self.inventory)) if on]
+        if len(sources) > 1:
+            raise ValueError(f"{' and '.join(sources)} are both set; name the devices in one of them")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets {self.targets} names a device twice; list each once")
+
+    def validate_paths(self) -> None:
+        """The inventory file exists and names valid targets (called when a recipe is loaded)."""
+        self.fleet()
+
+    def fleet(self) -> list[str]:
+        """The targets to benchmark, in order."""
+        if not self.inventory:
+            return list(self.targets) or [self.target]
+        path = Path(self.inventory).expanduser()
+        if not path.is_file():
+            raise ValueError(f"inventory {path} does not exist; write one target per line or use targets = [...]")
+        specs = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+        specs = [s for s in specs if s]
+        for spec in specs:
+            if spec != LOCAL:
+                check_spec(spec)
+        if not specs:
+            raise ValueError(f"inventory {path} names no target; write one per line, e.g. pi@pi5.local")
+        return specs
+
+
+def agent_args(runtime: str, model: str | Path, cfg: BenchConfig) -> list[str]:
+    """The agent's arguments (the same here and on a device); the first thread count is the headline."""
+    threads = [cfg.threads] + [n for n in dict.fromkeys(cfg.thread_sweep) if n != cfg.threads]
+    return ["--runtime", runtime, "--model", str(model), "--threads", ",".join(map(str, threads)),
+            "--prompt-tokens", ",".join(map(str, cfg.prompt_tokens)), "--gen-tokens", str(cfg.gen_tokens),
+            "--repeats", str(cfg.repeats), "--warmup", str(cfg.warmup), "--cooldown-s", f"{cfg.cooldown_s:g}",
+            "--bandwidth-mb", str(cfg.bandwidth_mb)]
 
 
 def agent_command(runtime: str, model: Path, cfg: BenchConfig) -> list[str]:
-    return [sys.executable, str(AGENT), "--runtime", runtime, "--model", str(model),
-            "--threads", str(cfg.threads), "--prompt-tokens", ",".join(map(str, cfg.prompt_tokens)),
-            "--gen-tokens", str(cfg.gen_tokens), "--repeats", str(cfg.repeats), "--warmup", str(cfg.warmup)]
+    return [sys.executable, str(AGENT), *agent_args(runtime, model, cfg)]
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:
@@ -81,10 +137,15 @@ def bench_model(artifact: Artifact, cfg: BenchConfig) -> dict:
         return {"error": f"timed out after {cfg.timeout_s} s (BenchConfig.timeout_s)", "runtime": runtime}
     if proc.returncode != 0:
         return {"error": failure(proc), "runtime": runtime}
+    return agent_json(proc.stdout, runtime)
+
+
+def agent_json(stdout: str, runtime: str) -> dict:
+    """The agent's one JSON line, or an error naming what it printed instead."""
     try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return json.loads(stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
-        return {"error": f"agent printed no JSON: {proc.stdout[-200:]!r}", "runtime": runtime}
+        return {"error": f"agent printed no JSON: {stdout[-200:]!r}", "runtime": runtime}
 
 
 def summary(result: dict) -> dict:
@@ -94,12 +155,15 @@ def summary(result: dict) -> dict:
     return {k: result.get(k) for k in SUMMARY}
 
 
-def _progress():
+def _progress(bars: bool = False):
+    """Spinners per model; with `bars`, upload progress bars too (SSH targets)."""
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    return Progress(SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
-                    console=Console(stderr=True))
+    columns = [SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}")]
+    if bars:
+        columns.insert(2, BarColumn(bar_width=24))
+    return Progress(*columns, console=Console(stderr=True))
 
 
 def _done_line(stage: str, result: dict) -> str:
@@ -111,18 +175,45 @@ def _done_line(stage: str, result: dict) -> str:
             f"decode {result['decode_tps']:.1f} tok/s, peak RSS {result['peak_rss_mb']:.0f} MB")
 
 
-def run(inputs: list[Artifact], cfg: BenchConfig, out: Path) -> Artifact:
-    """Bench each model artifact (teacher, prune, quantize, distill, gguf, onnx) and write `bench.json`."""
+def bench_local(inputs: list[Artifact], cfg: BenchConfig, progress) -> dict[str, dict]:
+    """Every model artifact on this machine, one agent subprocess each."""
     results = {}
-    with ArtifactWriter(out, "bench", cfg, inputs) as w, _progress() as progress:  # inside: wall_s is the bench
-        for a in inputs:
-            task = progress.add_task(f"bench {a.stage}", total=1)
-            results[a.stage] = bench_model(a, cfg)
-            progress.update(task, completed=1, description=_done_line(a.stage, results[a.stage]))
-            if "error" in results[a.stage]:
-                log.warning("bench %s failed: %s", a.stage, results[a.stage]["error"])
+    for a in inputs:
+        task = progress.add_task(f"bench {a.stage}", total=1)
+        results[a.stage] = bench_model(a, cfg)
+        progress.update(task, completed=1, description=_done_line(a.stage, results[a.stage]))
+        if "error" in results[a.stage]:
+            log.warning("bench %s failed: %s", a.stage, results[a.stage]["error"])
+    return results
+
+
+def primary(devices: dict[str, dict]) -> str:
+    """The device whose figures fill the report's main table: the first with a model benchmarked."""
+    for spec, d in devices.items():
+        if any("error" not in r for r in d.get("results", {}).values()):
+            return spec
+    return next(iter(devices))
+
+
+def run(inputs: list[Artifact], cfg: BenchConfig, out: Path) -> Artifact:
+    """Bench each model artifact (teacher, prune, quantize, distill, gguf, onnx) and write `bench.json`; for SSH
+    targets also `devices.json` ({target: {facts, results, error}}), with `bench.json` the first good device's."""
+    fleet_specs = cfg.fleet()
+    bars = fleet_specs != [LOCAL]
+    with ArtifactWriter(out, "bench", cfg, inputs) as w, _progress(bars) as progress:  # inside: wall_s is the bench
+        if fleet_specs == [LOCAL]:
+            results, target = bench_local(inputs, cfg, progress), LOCAL
+        else:
+            from . import fleet
+
+            devices = fleet.bench_fleet(inputs, cfg, fleet_specs, progress)
+            target = primary(devices)
+            results = devices[target].get("results", {})
+            (w.dir / "devices.json").write_text(json.dumps(devices, indent=2) + "\n")
+            w.metrics["devices"] = fleet.summaries(devices)
+            w.extra["targets"] = fleet_specs
         (w.dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
         w.metrics.update({stage: summary(r) for stage, r in results.items()})
-        w.extra["target"] = cfg.target
+        w.extra["target"] = target
         w.extra["host"] = next((r["host"] for r in results.values() if "host" in r), None)
     return w.artifact

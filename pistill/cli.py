@@ -37,7 +37,23 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--out", help="output folder (default: <run>/<stage>); only with a single stage")
         if name == "bench":
             s.add_argument("--target", help="'local' or user@host (overrides [bench] target)")
+    _device_parsers(sub)
     return p
+
+
+def _device_parsers(sub) -> None:
+    """`doctor` and `trust`: look at a device, and accept its SSH host key."""
+    d = sub.add_parser("doctor", help="check a device: board, CPU features, memory, disk, OS, Python, heat")
+    t = sub.add_parser("trust", help="show a device's SSH host key fingerprint and add it to known_hosts")
+    for s in (d, t):
+        s.add_argument("target", help="'local', user@host[:port] or a Host alias from ~/.ssh/config")
+        s.add_argument("--accept-host-key", metavar="SHA256:...", help="trust the host key with this fingerprint")
+        s.add_argument("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")
+        s.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
+    d.add_argument("--model", help="a model file or folder, to check it fits in memory and on disk")
+    d.add_argument("--python", default="python3", help="the device's python to check (default python3)")
+    d.add_argument("--cache", default="~/.cache/pistill", help="the cache folder on the device (for free disk)")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,15 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-tensor bars; we show stages
     _setup_logging(args.verbose)
     from .artifact import ArtifactError
+    from .device.target import TargetError
     from .models import TeacherError
     from .recipe import RecipeError
 
     try:
+        if args.command in ("doctor", "trust"):
+            return {"doctor": _doctor, "trust": _trust}[args.command](args)
         return _run(args) if args.command == "run" else _stage(args)
     except RecipeError as e:
         print(f"pistill: error: {e}", file=sys.stderr)
         return 2
-    except (TeacherError, ArtifactError, ValueError, FileNotFoundError) as e:
+    except (TeacherError, ArtifactError, ValueError, FileNotFoundError, TargetError) as e:
         print(f"pistill: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -69,7 +88,7 @@ def _setup_logging(verbose: bool) -> None:
     handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[handler])
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "gguf"):
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "gguf", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -119,6 +138,54 @@ def _pair(text: str) -> tuple[str, Path]:
     if not sep:
         raise ValueError(f"--input '{text}' must look like STAGE=DIR, e.g. --input distill=runs/x/distill")
     return name, Path(path)
+
+
+def _doctor(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .artifact import dir_bytes
+    from .device import doctor, target
+
+    if args.target == target.LOCAL:
+        facts = doctor.probe(None, args.cache, args.python)
+    else:
+        with target.connect(target.parse_target(args.target, args.ssh_config), args.known_hosts,
+                            args.accept_host_key, args.ssh_config) as conn:
+            facts = doctor.probe(conn, args.cache, args.python)
+    report = doctor.diagnose(facts, dir_bytes(Path(args.model)) if args.model else None)
+    if args.json:
+        print(json.dumps({"target": args.target, **report}, indent=2))
+        return 0
+    table = Table(show_header=False, box=None)
+    for name, value in doctor.rows(args.target, report):
+        table.add_row(f"[bold]{name}[/]", value)
+    console = Console()
+    console.print(table)
+    for note in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {note}", highlight=False)
+    return 0
+
+
+def _trust(args) -> int:
+    from .device import target
+
+    tgt = target.parse_target(args.target, args.ssh_config)
+    fp, state = target.trust(tgt, args.accept_host_key, args.known_hosts, args.ssh_config)
+    if state == "unconfirmed" and sys.stdin.isatty():
+        answer = input(f"{tgt.host_key_name} offers host key {fp}. Trust it? [y/N] ")
+        if answer.strip().lower() in ("y", "yes"):
+            fp, state = target.trust(tgt, fp, args.known_hosts, args.ssh_config)
+    known = target.known_hosts_path(tgt, args.known_hosts)
+    if state == "unconfirmed":
+        print(f"pistill: {tgt.host_key_name} offers host key {fp}; check it on the device "
+              f"(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub) and rerun with --accept-host-key {fp}",
+              file=sys.stderr)
+        return 1
+    print(f"{tgt.host_key_name} {fp}: {'already in' if state == 'known' else 'added to'} {known}")
+    return 0
 
 
 if __name__ == "__main__":

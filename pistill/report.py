@@ -1,17 +1,23 @@
-"""The report stage: one table lining up every model's size, quality and speed, plus the recipe that made them."""
+"""The report stage: one table lining up every model's size, quality and speed, plus the recipe that made them.
+
+Also per device (SSH fleets: `devices.json` of the bench artifact) with the speed-up over the teacher on the same
+board, and the history of earlier reports (this run folder's previous report and sibling run folders'). Writes
+Markdown, JSON, and one self-contained HTML file with charts (`report_html`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, ClassVar
 
 from .artifact import Artifact, ArtifactWriter
 
-SCHEMA_VERSION = 1
-FORMATS = ("md", "json")
+SCHEMA_VERSION = 2  # 2: devices, history
+FORMATS = ("md", "json", "html")
 MISSING = "–"
 MODEL_STAGES = ("teacher", "prune", "quantize", "distill", "gguf", "onnx")  # row order
 LABELS = {"teacher": "teacher", "prune": "pruned", "quantize": "quantized teacher", "distill": "student",
@@ -24,8 +30,9 @@ SPEED = ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "load_s")  # from
 class ReportConfig:
     """What the report writes."""
 
-    VERSION: ClassVar[int] = 1
-    formats: list[str] = field(default_factory=lambda: list(FORMATS))  # any of "md", "json"
+    VERSION: ClassVar[int] = 2
+    formats: list[str] = field(default_factory=lambda: list(FORMATS))  # any of "md", "json", "html"
+    history: bool = True  # chart earlier reports: this run folder's previous one and sibling run folders'
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in FORMATS]
@@ -91,11 +98,30 @@ def build_rows(metrics: dict[str, dict], labels: dict[str, str], speeds: dict[st
     return [model_row(s, labels.get(s, s), metrics[s], speeds.get(s)) for s in MODEL_STAGES if s in metrics]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    header = ["model"] + [h for _, h, _ in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(COLUMNS)]
+DEVICE_COLUMNS: tuple[tuple[str, str, Callable[[object], str]], ...] = (  # one model on one device
+    ("threads", "threads", _num(".0f")),
+    ("prefill_tps", "prefill tok/s", _num(".1f")),
+    ("decode_tps", "decode tok/s", _num(".1f")),
+    ("speedup", "× teacher", _num(".2f")),  # decode tok/s over the teacher's on the same device
+    ("ttft_s", "TTFT (ms)", _num(".0f", 1e3)),
+    ("p50", "p50 (ms)", _num(".1f")),  # per-token decode latency percentiles
+    ("p95", "p95 (ms)", _num(".1f")),
+    ("p99", "p99 (ms)", _num(".1f")),
+    ("peak_rss_mb", "peak RSS (MB)", _num(".0f")),
+    ("decode_bw_fraction", "bandwidth used (%)", _num(".0f", 100)),  # weight bytes x tok/s / copy bandwidth
+    ("temp_after", "temp after (°C)", _num(".0f")),
+)
+
+
+def row_name(r: dict) -> str:
+    return f"{r['name']} ({r['device_format']})" if r.get("device_format") else str(r["name"])
+
+
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    header = ["model"] + [h for _, h, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join([str(r["name"])] + [cell(r.get(k), f) for k, _, f in COLUMNS]) + " |")
+        lines.append("| " + " | ".join([row_name(r)] + [cell(r.get(k), f) for k, _, f in columns]) + " |")
     return "\n".join(lines)
 
 
@@ -170,19 +196,98 @@ def bench_facts(speeds: dict[str, dict], bench: Artifact | None) -> dict:
     }
 
 
-def report_data(inputs: list[Artifact]) -> dict:
+# --- devices and history -------------------------------------------------------------------------------------
+
+DEVICE_FIGURES = ("threads", "prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "decode_bw_fraction")
+FACTS = ("board", "cpu", "machine", "bits", "os", "cores", "mem_total_mb", "asimddp", "i8mm", "temp_c", "throttled")
+
+
+def read_devices(bench: Artifact | None, speeds: dict[str, dict]) -> dict[str, dict]:
+    """{target: {"facts", "results", "error"?}}: the bench's devices.json, else its one target from bench.json."""
+    if bench is None:
+        return {}
+    try:
+        return json.loads(bench.file("devices.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {bench.manifest.get("target") or "local": {"facts": None, "results": speeds}} if speeds else {}
+
+
+def device_row(stage: str, label: str, result: dict, teacher_tps: float | None) -> dict:
+    """One model on one device: headline figures, latency percentiles, thermal, sweep, speed-up over the teacher."""
+    if "error" in result:
+        return {"stage": stage, "name": label, "error": result["error"]}
+    lat, th = result.get("decode_latency_ms") or {}, result.get("thermal") or {}
+    tps = result.get("decode_tps")
+    return {
+        "stage": stage, "name": label, "runtime": (result.get("runtime") or {}).get("name"),
+        "device_format": result.get("device_format"), **{k: result.get(k) for k in DEVICE_FIGURES},
+        **{k: lat.get(k) for k in ("p50", "p95", "p99")},
+        "bandwidth_gbs": (result.get("bandwidth") or {}).get("gbs"),
+        "speedup": tps / teacher_tps if tps and teacher_tps and stage != "teacher" else None,
+        "temp_before": (th.get("before") or {}).get("temp_c"), "temp_after": (th.get("after") or {}).get("temp_c"),
+        "throttled": (th.get("after") or {}).get("throttled_flags"),
+        "sweep": [{k: e.get(k) for k in ("threads", "prefill_tps", "decode_tps")} for e in result.get("sweep", [])],
+    }
+
+
+def device_report(target: str, device: dict, labels: dict[str, str]) -> dict:
+    results = device.get("results") or {}
+    teacher_tps = (results.get("teacher") or {}).get("decode_tps")
+    facts = device.get("facts") or {}
+    return {"target": target, "error": device.get("error"), "facts": {k: facts.get(k) for k in FACTS},
+            "python": (facts.get("python") or {}).get("version"), "warnings": device.get("warnings") or [],
+            "rows": [device_row(s, labels.get(s, s), results[s], teacher_tps) for s in MODEL_STAGES if s in results]}
+
+
+def snapshot(run_dir: Path, rows: list[dict], created: str) -> dict:
+    """One point of history: a run's models by size, quality and speed at one time."""
+    keep = ("stage", "name", "bytes", "ppl", "decode_tps", "prefill_tps")
+    return {"run": run_dir.name, "path": str(run_dir.resolve()), "created": created,
+            "rows": [{k: r.get(k) for k in keep} for r in rows]}
+
+
+def _own_history(report_json: Path, path: str) -> list[dict]:
+    try:
+        old = json.loads(report_json.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [h for h in old.get("history") or [] if isinstance(h, dict) and h.get("path") == path]
+
+
+def history(out: Path, current: dict) -> list[dict]:
+    """Snapshots by time: this report's previous ones (from `out`'s old report.json) and each sibling run folder's
+    (`<runs>/*/report/report.json`), then `current`."""
+    run_dir = out.parent
+    seen = _own_history(out / "report.json", current["path"])
+    for other in sorted(run_dir.parent.glob(f"*/{out.name}/report.json")):
+        if other.parent.parent.resolve() != run_dir.resolve():
+            seen += _own_history(other, str(other.parent.parent.resolve()))
+    unique = {(h["path"], h["created"]): h for h in seen + [current]}
+    return sorted(unique.values(), key=lambda h: h["created"])
+
+
+def report_data(inputs: list[Artifact], out: Path | None = None, with_history: bool = False) -> dict:
     """Everything the report shows, as one JSON-ready dict."""
     by_stage = {a.stage: a for a in inputs}
     speeds = read_speeds(by_stage.get("bench"))
-    return {
+    rows = rows_from_artifacts(by_stage, speeds)
+    labels = {r["stage"]: r["name"] for r in rows}
+    devices = read_devices(by_stage.get("bench"), speeds)
+    report = {
         "schema_version": SCHEMA_VERSION,
         "columns": [{"key": k, "header": h} for k, h, _ in COLUMNS],
-        "rows": rows_from_artifacts(by_stage, speeds),
+        "rows": rows,
         "recipe": {a.stage: a.manifest.get("config") or {} for a in inputs},
         "stages": [stage_facts(a) for a in inputs],
         "versions": versions(inputs),
         "bench": bench_facts(speeds, by_stage.get("bench")),
+        "devices": [device_report(t, d, labels) for t, d in devices.items()],
+        "history": [],
     }
+    if out is not None and with_history:
+        now = datetime.now(timezone.utc).isoformat(timespec="microseconds")  # distinct even for quick reruns
+        report["history"] = history(Path(out), snapshot(Path(out).parent, rows, now))
+    return report
 
 
 # --- markdown -------------------------------------------------------------------------------------------------
@@ -238,23 +343,54 @@ def bench_lines(bench: dict) -> str:
     return "\n".join(lines)
 
 
+def device_summary(dev: dict) -> str:
+    """"Raspberry Pi 5 Model B Rev 1.0, Cortex-A76, 4 cores, 8052 MiB, 64-bit Debian 12, Python 3.11.2"."""
+    f = dev.get("facts") or {}
+    parts = [f.get("board") or f.get("machine"), f.get("cpu"), f.get("cores") and f"{f['cores']} cores",
+             f.get("mem_total_mb") and f"{f['mem_total_mb']:.0f} MiB",
+             " ".join(str(x) for x in (f.get("bits") and f"{f['bits']}-bit", f.get("os")) if x),
+             dev.get("python") and f"Python {dev['python']}"]
+    return ", ".join(str(p) for p in parts if p) or "no facts gathered"
+
+
+def devices_markdown(devices: list[dict]) -> str:
+    blocks = []
+    for dev in devices:
+        blocks.append(f"### {dev['target']}\n\n{device_summary(dev)}")
+        if dev.get("error"):
+            blocks.append(f"**device failed**: {dev['error']}")
+        if dev.get("warnings"):
+            blocks.append("\n".join(f"- warning: {w}" for w in dev["warnings"]))
+        if dev["rows"]:
+            blocks.append(markdown_table(dev["rows"], DEVICE_COLUMNS))
+        blocks += [f"- **{r['name']} failed**: {r['error']}" for r in dev["rows"] if r.get("error")]
+    return "\n\n".join(blocks)
+
+
 def render_markdown(report: dict) -> str:
-    return "\n\n".join([
+    parts = [
         "# pistill report", markdown_table(report["rows"]),
         "## Recipe", "```toml\n" + toml_block(report["recipe"]) + "\n```",
         "## Stages", stages_table(report["stages"]),
         "## Versions", versions_table(report["versions"]),
         "## Bench host", bench_lines(report["bench"]),
-    ]) + "\n"
+    ]
+    if report.get("devices"):
+        parts += ["## Devices", devices_markdown(report["devices"])]
+    return "\n\n".join(parts) + "\n"
 
 
 def run(inputs: list[Artifact], cfg: ReportConfig, out: Path) -> Artifact:
-    """Write report.md / report.json from every artifact of the pipeline (teacher ... bench)."""
+    """Write report.md / report.json / report.html from every artifact of the pipeline (teacher ... bench)."""
     with ArtifactWriter(out, "report", cfg, inputs) as w:
-        report = report_data(inputs)
+        report = report_data(inputs, out, cfg.history)
         if "md" in cfg.formats:
             (w.dir / "report.md").write_text(render_markdown(report))
         if "json" in cfg.formats:
             (w.dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if "html" in cfg.formats:
+            from .report_html import render_html
+
+            (w.dir / "report.html").write_text(render_html(report), encoding="utf-8")
         w.metrics["rows"] = len(report["rows"])
     return w.artifact

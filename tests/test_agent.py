@@ -35,18 +35,30 @@ def run_agent(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(AGENT), *args], capture_output=True, text=True, timeout=300)
 
 
-def check_schema(out: dict, runtime: str, lengths: list[int], gen_tokens: int) -> None:
-    assert out["schema_version"] == agent.SCHEMA_VERSION
+def check_schema(out: dict, runtime: str, lengths: list[int], gen_tokens: int, threads: tuple[int, ...] = (2,)) -> None:
+    threads = list(threads)
+    assert out["schema_version"] == agent.SCHEMA_VERSION == 2
     assert out["runtime"]["name"] == runtime and out["runtime"]["version"]
     assert {"hostname", "machine", "cores", "python"} <= set(out["host"])
     assert out["settings"]["prompt_tokens"] == lengths and out["settings"]["gen_tokens"] == gen_tokens
-    assert [p["prompt_tokens"] for p in out["prefill"]] == lengths
-    for v in [out[k] for k in FIGURES] + list(out["decode_latency_ms"].values()) + [p["tps"] for p in out["prefill"]]:
-        assert isinstance(v, float) and math.isfinite(v) and v > 0, out
-    lat = out["decode_latency_ms"]
-    assert lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert out["settings"]["threads"] == threads[0] and out["settings"]["thread_sweep"] == threads
+    assert [s["threads"] for s in out["sweep"]] == threads and out["threads"] == threads[0]
+    for entry in [out] + out["sweep"]:
+        assert [p["prompt_tokens"] for p in entry["prefill"]] == lengths
+        figures = [entry[k] for k in FIGURES if k != "peak_rss_mb"] + list(entry["decode_latency_ms"].values())
+        for v in figures + [p["tps"] for p in entry["prefill"]]:
+            assert isinstance(v, float) and math.isfinite(v) and v > 0, entry
+        lat = entry["decode_latency_ms"]
+        assert lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert out["peak_rss_mb"] > 0
     assert set(out["thermal"]) == {"before", "after"}
-    assert set(out["thermal"]["before"]) == {"temp_c", "cpu_mhz", "throttled"}
+    assert set(out["thermal"]["before"]) == {"temp_c", "cpu_mhz", "throttled", "throttled_flags"}
+    if out["settings"]["bandwidth_mb"]:
+        assert out["bandwidth"]["gbs"] > 0 and 0 < out["decode_bw_fraction"] < 10
+        assert out["decode_bw_fraction"] == pytest.approx(out["model"]["bytes"] * out["decode_tps"]
+                                                          / (out["bandwidth"]["gbs"] * 1e9))
+    else:
+        assert out["bandwidth"] is None and out["decode_bw_fraction"] is None
 
 
 @pytest.mark.parametrize("runtime, model", [("torch", "tiny_model"), ("llama_cpp", "tiny_gguf"),
@@ -54,11 +66,20 @@ def check_schema(out: dict, runtime: str, lengths: list[int], gen_tokens: int) -
 def test_agent_json(runtime, model, request):
     path = request.getfixturevalue(model)
     proc = run_agent("--runtime", runtime, "--model", str(path), "--threads", "1", "--prompt-tokens", "8,24",
-                     "--gen-tokens", "4", "--repeats", "2", "--warmup", "1", "--cooldown-s", "0")
+                     "--gen-tokens", "4", "--repeats", "2", "--warmup", "1", "--cooldown-s", "0",
+                     "--bandwidth-mb", "8")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)  # stdout holds the JSON and nothing else
-    check_schema(out, runtime, [8, 24], 4)
+    check_schema(out, runtime, [8, 24], 4, [1])
     assert out["prompt_source"] == "text"
+
+
+def test_agent_thread_sweep(tiny_gguf):
+    proc = run_agent("--runtime", "llama_cpp", "--model", str(tiny_gguf), "--threads", "2,1", "--prompt-tokens", "8",
+                     "--gen-tokens", "3", "--repeats", "1", "--warmup", "0", "--cooldown-s", "0",
+                     "--bandwidth-mb", "0")
+    assert proc.returncode == 0, proc.stderr
+    check_schema(json.loads(proc.stdout), "llama_cpp", [8], 3, [2, 1])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -67,6 +88,8 @@ def test_agent_json(runtime, model, request):
     (["--runtime", "torch", "--model", "/no/such/model"], "model not found: /no/such/model"),
     (["--runtime", "torch", "--model", ".", "--prompt-tokens", "8,x"], "--prompt-tokens '8,x' is not a list"),
     (["--runtime", "torch", "--model", ".", "--repeats", "0"], "--repeats 0 must be at least 1"),
+    (["--runtime", "torch", "--model", ".", "--threads", "4,0"], "--threads '4,0' needs positive numbers"),
+    (["--runtime", "torch", "--model", ".", "--bandwidth-mb", "-1"], "must not be negative"),
     (["--model", "."], "the following arguments are required: --runtime"),
 ])
 def test_agent_usage_errors_are_one_line(args, message):
@@ -89,7 +112,7 @@ def test_agent_standalone_beside_its_runtimes(tiny_gguf, tmp_path):
     for name in ("agent.py", "runtimes.py", "ortlm.py"):
         shutil.copy(AGENT.with_name(name), tmp_path / name)
     args = ["agent.py", "--runtime", "llama_cpp", "--model", str(tiny_gguf), "--gen-tokens", "2", "--repeats", "1",
-            "--warmup", "0"]
+            "--warmup", "0", "--bandwidth-mb", "4"]
     code = (f"import runpy, sys; sys.modules['pistill'] = None; sys.argv = {args!r}; "
             "runpy.run_path('agent.py', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -156,3 +179,21 @@ def test_read_number(tmp_path, text, scale, expected):
 def test_throttled_is_none_off_a_pi(monkeypatch):
     monkeypatch.setattr(agent.shutil, "which", lambda name: None)
     assert agent.throttled() is None
+    assert agent.thermal_state()["throttled_flags"] is None
+
+
+@pytest.mark.parametrize("value, flags", [
+    ("0x0", []),
+    ("0x50005", ["under-voltage now", "throttled now", "under-voltage has occurred", "throttling has occurred"]),
+    ("0x80000", ["soft temperature limit has occurred"]),
+    (None, None), ("garbage", None),
+])
+def test_throttle_flags(value, flags):
+    assert agent.throttle_flags(value) == flags
+
+
+def test_bandwidth_probe_and_fraction():
+    bw = agent.bandwidth(4, 2, repeats=1)
+    assert bw["gbs"] > 0.1 and bw["buffer_mb"] == 4 and bw["threads"] == 2
+    assert agent.bw_fraction(1_000_000_000, 2.0, {"gbs": 4.0}) == pytest.approx(0.5)
+    assert agent.bw_fraction(1, 2.0, None) is None

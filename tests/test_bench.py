@@ -6,26 +6,15 @@ import dataclasses
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
 
 import pytest
 
 from pistill.artifact import ArtifactWriter, config_dict
 from pistill.device.bench import SUMMARY, BenchConfig, agent_command, bench_model, failure, run
+from tiny import FakeConfig, model_artifact
 
-QUICK = BenchConfig(threads=1, prompt_tokens=[8], gen_tokens=4, repeats=1, warmup=0, timeout_s=300)
-
-
-@dataclass(frozen=True)
-class FakeConfig:
-    note: str = "test"
-
-
-def model_artifact(root, stage, fmt, fill):
-    """An artifact of `stage` whose model (format `fmt`) is whatever `fill(dir)` writes; returns its file name."""
-    with ArtifactWriter(root / stage, stage, FakeConfig(), []) as w:
-        w.model = {"format": fmt, "file": fill(w.dir)}
-    return w.artifact
+QUICK = BenchConfig(threads=1, prompt_tokens=[8], gen_tokens=4, repeats=1, warmup=0, timeout_s=300, cooldown_s=0,
+                    bandwidth_mb=4)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +41,17 @@ def broken(tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"target": "pi@raspberrypi"}, "SSH deployment is not implemented yet"),
-    ({"target": "my-pi"}, "target 'my-pi' is not understood"),
+    ({"target": "pi@@raspberrypi"}, "target 'pi@@raspberrypi' is not understood"),
+    ({"target": "my pi"}, "target 'my pi' is not understood"),
+    ({"targets": ["pi@a", "pi@b:0"]}, "target 'pi@b:0' is not understood"),
+    ({"targets": ["pi@a", "pi@a"]}, "names a device twice"),
+    ({"target": "pi@a", "targets": ["pi@b"]}, "target and targets are both set"),
+    ({"targets": ["pi@b"], "inventory": "fleet.txt"}, "targets and inventory are both set"),
+    ({"thread_sweep": [1, 0]}, "thread_sweep [1, 0] must be positive"),
+    ({"cooldown_s": -1.0}, "cooldown_s = -1.0"),
+    ({"bandwidth_mb": -1}, "bandwidth_mb = -1"),
+    ({"hf_on_device": "onnx"}, "hf_on_device = 'onnx' is not one of gguf, torch, skip"),
+    ({"remote_cache": " "}, "remote_cache is empty"),
     ({"threads": 0}, "threads = 0"),
     ({"prompt_tokens": []}, "prompt_tokens [] must be positive"),
     ({"prompt_tokens": [64, 0]}, "prompt_tokens [64, 0]"),
@@ -69,7 +67,9 @@ def test_config_rejects(changes, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("cfg", [BenchConfig(), QUICK, BenchConfig(prompt_tokens=[32, 128], warmup=0)])
+@pytest.mark.parametrize("cfg", [BenchConfig(), QUICK, BenchConfig(prompt_tokens=[32, 128], warmup=0),
+                                 BenchConfig(targets=["pi@pi5.local", "pi4"], thread_sweep=[1, 4], hf_on_device="torch",
+                                             python="/usr/bin/python3", llama_cpp_lib="/opt/llama")])
 def test_config_round_trip(cfg):
     d = config_dict(cfg)
     assert d.pop("version") == BenchConfig.VERSION
@@ -77,10 +77,24 @@ def test_config_round_trip(cfg):
 
 
 def test_agent_command():
-    cmd = agent_command("llama_cpp", "m.gguf", BenchConfig(prompt_tokens=[32, 128], threads=4))
+    cmd = agent_command("llama_cpp", "m.gguf", BenchConfig(prompt_tokens=[32, 128], threads=4, thread_sweep=[1, 4, 2]))
     assert cmd[1].endswith("agent.py")
-    assert cmd[2:] == ["--runtime", "llama_cpp", "--model", "m.gguf", "--threads", "4", "--prompt-tokens", "32,128",
-                       "--gen-tokens", "32", "--repeats", "2", "--warmup", "1"]
+    assert cmd[2:] == ["--runtime", "llama_cpp", "--model", "m.gguf", "--threads", "4,1,2", "--prompt-tokens", "32,128",
+                       "--gen-tokens", "32", "--repeats", "2", "--warmup", "1", "--cooldown-s", "1",
+                       "--bandwidth-mb", "64"]
+
+
+def test_fleet_from_target_targets_or_inventory(tmp_path):
+    assert BenchConfig().fleet() == ["local"] and BenchConfig(target="pi5").fleet() == ["pi5"]
+    assert BenchConfig(targets=["pi@a", "pi@b:2222"]).fleet() == ["pi@a", "pi@b:2222"]
+    inv = tmp_path / "fleet.txt"
+    inv.write_text("# the lab\npi@pi5.local   # on the shelf\n\npi@pi4.local\n")
+    assert BenchConfig(inventory=str(inv)).fleet() == ["pi@pi5.local", "pi@pi4.local"]
+    inv.write_text("pi@ok\nnot valid\n")
+    with pytest.raises(ValueError, match="target 'not valid' is not understood"):
+        BenchConfig(inventory=str(inv)).validate_paths()
+    with pytest.raises(ValueError, match="does not exist"):
+        BenchConfig(inventory=str(tmp_path / "none.txt")).validate_paths()
 
 
 @pytest.mark.parametrize("rc, stderr, expected", [
@@ -110,7 +124,9 @@ def test_run_records_broken_model_and_finishes_others(teacher, gguf, broken, tmp
     assert list(results) == ["teacher", "quantize", "gguf"]
     assert results["quantize"]["error"].startswith("agent: error: llama_cpp failed on ")
     for stage, runtime in (("teacher", "torch"), ("gguf", "llama_cpp")):
-        assert results[stage]["runtime"]["name"] == runtime and results[stage]["schema_version"] == 1
+        assert results[stage]["runtime"]["name"] == runtime and results[stage]["schema_version"] == 2
+        assert results[stage]["bandwidth"]["gbs"] > 0 and results[stage]["decode_bw_fraction"] > 0
         assert set(art.metrics[stage]) == set(SUMMARY) and all(v > 0 for v in art.metrics[stage].values())
     assert art.metrics["quantize"] == {"error": results["quantize"]["error"]}
     assert art.manifest["target"] == "local" and art.manifest["host"]["cores"] >= 1
+    assert not art.file("devices.json").exists() and "devices" not in art.metrics  # local: as before

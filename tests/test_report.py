@@ -127,9 +127,9 @@ def test_labels():
 
 
 def test_report_md_and_json(pipeline, tmp_path):
-    art = run(pipeline, ReportConfig(), tmp_path / "report")
+    art = run(pipeline, ReportConfig(formats=["md", "json"]), tmp_path / "report")  # html: test_report_html.py
     report, md = json.loads(art.file("report.json").read_text()), art.file("report.md").read_text()
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     assert [r["name"] for r in report["rows"]] == ["teacher", "pruned", "quantized teacher", "student",
                                                     "student GGUF Q4_K_M", "student ONNX int4"]
     teacher = report["rows"][0]
@@ -155,13 +155,14 @@ def test_report_without_bench_or_data(pipeline, tmp_path):
     assert "| teacher | 1.5M | 6.0 | – | 100.0 | 0.000 | – | – | – | – |" in md and "ONNX" not in md
 
 
-@pytest.mark.parametrize("formats", [[], ["html"], ["md", "pdf"]])
+@pytest.mark.parametrize("formats", [[], ["pdf"], ["md", "pdf"]])
 def test_config_rejects_bad_formats(formats):
     with pytest.raises(ValueError, match="subset"):
         ReportConfig(formats=formats)
 
 
-@pytest.mark.parametrize("cfg", [ReportConfig(), ReportConfig(formats=["json"])])
+@pytest.mark.parametrize("cfg", [ReportConfig(), ReportConfig(formats=["json"]),
+                                 ReportConfig(formats=["html", "md"], history=False)])
 def test_config_round_trip(cfg):
     d = config_dict(cfg)
     assert d.pop("version") == ReportConfig.VERSION

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -61,3 +62,19 @@ def make_model(out: Path, vocab_size: int = 512, hidden: int = 64, ffn_dim: int 
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return Path(out)
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    """A config for artifacts that tests build by hand (no stage wrote them)."""
+
+    note: str = "test"
+
+
+def model_artifact(root: Path, stage: str, fmt: str, fill):
+    """An artifact of `stage` whose model (format `fmt`) is whatever `fill(dir)` writes; returns the Artifact."""
+    from pistill.artifact import ArtifactWriter
+
+    with ArtifactWriter(root / stage, stage, FakeConfig(), []) as w:
+        w.model = {"format": fmt, "file": fill(w.dir)}
+    return w.artifact

@@ -1,0 +1,218 @@
+"""Benchmark a fleet of SSH devices in parallel: check, provision, upload, run the agent, collect its JSON.
+
+Each device is independent: one that is unreachable or fails is reported with its error and the others finish.
+HF models (teacher, pruned, student) are converted to the GGUF artifact's quant by default, so the teacher and the
+student run in the same runtime on the same board and the report can state the speed-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pistill.artifact import Artifact
+
+from . import doctor, provision, transfer
+from .bench import AGENT, AGENT_FILES, BenchConfig, agent_args, agent_json, bench_model, summary
+from .runtimes import runtime_for_format
+from .target import LOCAL, RemoteTimeout, TargetError, connect, exit_reason, last_line, parse_target
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUANT = "Q4_0"  # for HF models on a device when the run has no GGUF artifact
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model, ready to send: the files of its tree and what the agent loads from it."""
+
+    stage: str
+    runtime: str
+    files: dict[str, Path]  # name in the device's tree -> local file
+    model: str  # relative to the tree: a file name, or "." for the folder itself
+    sha256s: dict[str, str] = field(default_factory=dict)  # known hashes (from the manifest), saves re-reading
+    note: str | None = None  # e.g. "as GGUF Q4_0" when converted for the device
+
+
+def device_quant(inputs: list[Artifact]) -> str:
+    """The llama.cpp type HF models are converted to: the GGUF artifact's model type."""
+    from pistill.report import gguf_quant
+
+    gguf = next((a for a in inputs if a.model and a.model.get("format") == "gguf"), None)
+    return (gguf_quant(gguf.manifest) if gguf else None) or DEFAULT_QUANT
+
+
+def device_gguf(artifact: Artifact, quant: str) -> Path:
+    """An HF model artifact as one GGUF file of type `quant`, cached by artifact id in PISTILL_CACHE."""
+    from pistill.export import gguf
+    from pistill.models import cache_dir
+
+    dst = cache_dir() / "device-gguf" / f"{artifact.id[:16]}-{quant}.gguf"
+    if dst.is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if quant in ("F16", "F32"):
+        return gguf.write_gguf(artifact.model_path(), dst, quant.lower())
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        base = gguf.write_gguf(artifact.model_path(), Path(tmp) / "f16.gguf", "f16")
+        return gguf.quantize_gguf(base, dst, quant)
+
+
+def is_bitsandbytes(folder: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def make_job(a: Artifact, cfg: BenchConfig, quant: str) -> Job:
+    """A Job for one artifact; raises ValueError / RuntimeError with the reason it cannot run on a device."""
+    model, fmt = a.model_path(), a.model["format"]
+    known = {name: f["sha256"] for name, f in a.manifest.get("files", {}).items()}
+    if fmt == "gguf":
+        return Job(a.stage, "llama_cpp", {model.name: model}, model.name, {model.name: known.get(a.model["file"])})
+    if fmt == "onnx":
+        files = transfer.folder_files(model)
+        return Job(a.stage, "onnxruntime", files, ".", _rebase(known, a.path, model))
+    if is_bitsandbytes(model):
+        raise ValueError("bitsandbytes weights (the quantized distillation teacher) run on CUDA only; "
+                         "not benchmarked on devices")
+    if cfg.hf_on_device == "skip":
+        raise ValueError("HF model skipped on devices (hf_on_device = \"skip\")")
+    if cfg.hf_on_device == "torch":
+        return Job(a.stage, runtime_for_format(fmt), transfer.folder_files(model), ".", _rebase(known, a.path, model))
+    path = device_gguf(a, quant)
+    return Job(a.stage, "llama_cpp", {path.name: path}, path.name, note=f"as GGUF {quant}")
+
+
+def _rebase(known: dict[str, str], root: Path, folder: Path) -> dict[str, str]:
+    """Manifest hashes (relative to the artifact) re-keyed relative to the model folder."""
+    prefix = str(folder.relative_to(root))
+    if prefix == ".":
+        return known
+    return {k[len(prefix) + 1:]: v for k, v in known.items() if k.startswith(prefix + "/")}
+
+
+def make_jobs(inputs: list[Artifact], cfg: BenchConfig) -> dict[str, Job | dict]:
+    """A Job per model artifact, or `{"error": ...}` for one that cannot go to a device."""
+    quant, jobs = device_quant(inputs), {}
+    for a in inputs:
+        try:
+            jobs[a.stage] = make_job(a, cfg, quant)
+        except (ValueError, RuntimeError, OSError) as e:  # no model, unknown format, conversion failed
+            jobs[a.stage] = {"error": str(e)}
+    return jobs
+
+
+def bench_job(conn, job: Job, agent_dir: str, plan: provision.Plan, cfg: BenchConfig, progress) -> dict:
+    """Upload one model and time it on the device with the agent."""
+    tree, _ = transfer.upload_tree(conn, job.files, cfg.remote_cache, progress, job.sha256s)
+    model = tree if job.model == "." else f"{tree}/{job.model}"
+    env = [f"{k}={v}" for k, v in plan.env.items()]
+    argv = (["env", *env] if env else []) + [plan.python, f"{agent_dir}/agent.py", *agent_args(job.runtime, model, cfg)]
+    try:
+        res = conn.run(argv, cfg.timeout_s, check=False)
+    except RemoteTimeout:
+        return {"error": f"timed out after {cfg.timeout_s} s (BenchConfig.timeout_s)", "runtime": job.runtime}
+    if res.rc != 0:
+        return {"error": agent_failure(res.rc, res.stderr), "runtime": job.runtime}
+    out = agent_json(res.stdout, job.runtime)
+    return {**out, "device_format": job.note} if job.note and "error" not in out else out
+
+
+def agent_failure(rc: int, stderr: str) -> str:
+    """The agent's own one-line error, or how it died (the OOM killer prints nothing)."""
+    last = last_line(stderr) if stderr.strip() else None
+    if last and rc <= 128:
+        return last
+    return f"agent {exit_reason(rc)}" + (f": {last}" if last else " and printed nothing")
+
+
+def bench_remote(spec: str, jobs: dict[str, Job | dict], cfg: BenchConfig, progress) -> dict:
+    """One SSH device: doctor facts, provisioning, then each model; the device's error if it fails."""
+    import paramiko
+
+    device: dict = {"results": {}}
+    task = progress.add_task(f"{spec}: connecting", total=None)
+    try:
+        with connect(parse_target(spec)) as conn:
+            _on_device(conn, jobs, cfg, device, progress, task)
+    except TargetError as e:
+        device["error"] = str(e)
+    except (OSError, EOFError, paramiko.SSHException) as e:  # the link died under SFTP or a channel
+        device["error"] = f"{spec}: connection failed: {type(e).__name__}: {e}"
+    if "error" in device:
+        log.warning("%s", device["error"])
+    progress.update(task, total=1, completed=1, description=_device_line(spec, device))
+    return device
+
+
+def _on_device(conn, jobs, cfg: BenchConfig, device: dict, progress, task) -> None:
+    def say(what: str) -> None:
+        progress.update(task, description=f"{conn.target}: {what}")
+
+    say("checking")
+    device["facts"] = doctor.probe(conn, cfg.remote_cache, cfg.python or "python3")
+    biggest = max((sum(p.stat().st_size for p in j.files.values()) for j in jobs.values() if isinstance(j, Job)),
+                  default=None)
+    device["warnings"] = doctor.advise(device["facts"], biggest)
+    runtimes = sorted({j.runtime for j in jobs.values() if isinstance(j, Job)})
+    plan = provision.plan(conn, device["facts"], runtimes, cfg.python, cfg.remote_cache, cfg.llama_cpp_lib)
+    say("provisioning" if plan.commands else "uploading the agent")
+    provision.provision(conn, plan, runtimes)
+    agent_dir, _ = transfer.upload_tree(conn, {n: AGENT.with_name(n) for n in AGENT_FILES}, cfg.remote_cache)
+    for stage, job in jobs.items():
+        if not isinstance(job, Job):
+            device["results"][stage] = job
+            continue
+        say(f"bench {stage}")
+        try:
+            device["results"][stage] = bench_job(conn, job, agent_dir, plan, cfg, progress)
+        except transfer.TransferError as e:  # e.g. this model does not fit; smaller ones may
+            if not conn.client.get_transport().is_active():
+                raise
+            device["results"][stage] = {"error": str(e), "runtime": job.runtime}
+
+
+def bench_here(inputs: list[Artifact], cfg: BenchConfig, progress) -> dict:
+    """`local` inside a fleet: this machine, like `target = "local"`."""
+    task = progress.add_task("local: bench", total=len(inputs))
+    device = {"facts": doctor.probe(None, cfg.remote_cache, sys.executable), "results": {}}
+    for a in inputs:
+        device["results"][a.stage] = bench_model(a, cfg)
+        progress.advance(task)
+    progress.update(task, description=_device_line(LOCAL, device))
+    return device
+
+
+def bench_fleet(inputs: list[Artifact], cfg: BenchConfig, specs: list[str], progress) -> dict[str, dict]:
+    """Every device in parallel; {spec: {"facts", "results": {stage: agent JSON or error}, "error"?}}."""
+    jobs = make_jobs(inputs, cfg) if any(s != LOCAL for s in specs) else {}
+    with ThreadPoolExecutor(max_workers=len(specs)) as pool:
+        futures = {s: pool.submit(bench_here, inputs, cfg, progress) if s == LOCAL
+                   else pool.submit(bench_remote, s, jobs, cfg, progress) for s in specs}
+        devices = {s: f.result() for s, f in futures.items()}
+    if all("error" in d for d in devices.values()):
+        raise TargetError("no device could be benchmarked: " + "; ".join(d["error"] for d in devices.values()))
+    return devices
+
+
+def _device_line(spec: str, device: dict) -> str:
+    from rich.markup import escape
+
+    if "error" in device:
+        return f"[red]✗[/] {escape(device['error'])}"  # the error names the device
+    ok = [r for r in device["results"].values() if "error" not in r]
+    board = (device.get("facts") or {}).get("board") or (device.get("facts") or {}).get("machine") or "?"
+    return f"[green]✓[/] {escape(spec)} ({escape(board)}): {len(ok)}/{len(device['results'])} models benchmarked"
+
+
+def summaries(devices: dict[str, dict]) -> dict[str, dict]:
+    """Per-device summary figures for the bench artifact's metrics."""
+    return {s: {st: summary(r) for st, r in d.get("results", {}).items()} | ({"error": d["error"]}
+            if "error" in d else {}) for s, d in devices.items()}

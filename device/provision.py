@@ -1,0 +1,122 @@
+"""Provision the device: a venv with onnxruntime and llama-cpp-python built for the board, or the user's python.
+
+Build flags follow the CPU: a Pi 5 (Cortex-A76) has the ARMv8.2 dot product, so llama.cpp is built for
+`armv8.2-a+dotprod` and its repacked Q4_0 kernels run; a Pi 4 (Cortex-A72) has none, so it gets plain `armv8-a`
+(a binary with +dotprod would die with SIGILL there). Builds take long on a Pi; their output streams to the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from .doctor import PY_PROBE
+from .target import Connection, TargetError, describe
+
+log = logging.getLogger(__name__)
+
+ONNXRUNTIME = "onnxruntime>=1.20,!=1.21.0"  # the same pin as pistill's own requirements
+LLAMA_CPP = "llama-cpp-python>=0.3.10"
+PACKAGES = {  # runtime -> (distribution the probe reports, pip requirements)
+    "llama_cpp": ("llama_cpp_python", [LLAMA_CPP]),
+    "onnxruntime": ("onnxruntime", [ONNXRUNTIME, "numpy", "tokenizers"]),
+    "torch": ("torch", ["torch", "transformers", "numpy"]),
+}
+PROBE_TIMEOUT_S = 60
+VENV_TIMEOUT_S = 300
+PIP_TIMEOUT_S = 3600  # compiling llama.cpp on a Pi 4 takes tens of minutes
+
+
+class ProvisionError(TargetError):
+    """The device has no usable python or runtime, and pistill may not (or could not) install one."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the agent will run on one device."""
+
+    python: str  # interpreter for the agent
+    commands: list[list[str]] = field(default_factory=list)  # installs to run first, in order
+    env: dict[str, str] = field(default_factory=dict)  # environment for the agent (LLAMA_CPP_LIB_PATH)
+
+
+def llama_arch(facts: dict) -> str | None:
+    """GGML_CPU_ARM_ARCH for the board: +dotprod only where the CPU has asimddp (Pi 5), +i8mm where it has that."""
+    if facts.get("machine") not in ("aarch64", "arm64") or facts.get("asimddp") is None:
+        return None
+    arch = "armv8.2-a+dotprod" if facts["asimddp"] else "armv8-a"
+    return arch + "+i8mm" if facts.get("i8mm") else arch
+
+
+def cmake_args(facts: dict, llama_cpp_lib: str = "") -> str:
+    """CMAKE_ARGS for building llama-cpp-python on the device."""
+    args = []
+    if arch := llama_arch(facts):  # an explicit arch, not -march=native: reproducible and right on every Pi
+        args += ["-DGGML_NATIVE=OFF", f"-DGGML_CPU_ARM_ARCH={arch}"]
+    if llama_cpp_lib:  # the user's own libllama.so: build only the bindings
+        args.append("-DLLAMA_BUILD=OFF")
+    return " ".join(args)
+
+
+def missing(packages: dict | None, runtimes: list[str]) -> list[str]:
+    """Runtimes whose package the probed python lacks."""
+    packages = packages or {}
+    return [r for r in runtimes if not packages.get(PACKAGES[r][0])]
+
+
+def install_commands(venv: str, need: list[str], facts: dict, llama_cpp_lib: str, has_venv: bool) -> list[list[str]]:
+    """The commands that create `venv` (unless `has_venv`) and install `need` into it."""
+    pip = f"{venv}/bin/pip"
+    cmds = [] if has_venv else [["python3", "-m", "venv", venv], [pip, "install", "--upgrade", "pip", "wheel"]]
+    for runtime in need:
+        reqs = PACKAGES[runtime][1]
+        if runtime != "llama_cpp":
+            cmds.append([pip, "install", *reqs])
+            continue
+        env = ["env", f"CMAKE_ARGS={cmake_args(facts, llama_cpp_lib)}", "FORCE_CMAKE=1",
+               f"CMAKE_BUILD_PARALLEL_LEVEL={facts.get('cores') or 1}"]
+        cmds.append([*env, pip, "install", "-v", "--no-cache-dir", "--no-binary", "llama-cpp-python", *reqs])
+    return cmds
+
+
+def probe_python(conn: Connection, python: str) -> dict | None:
+    """{version, executable, bits, packages} of a python on the device, or None when it does not run."""
+    res = conn.run([python, "-c", PY_PROBE], PROBE_TIMEOUT_S, check=False)
+    try:
+        return json.loads(res.stdout.strip().splitlines()[-1]) if res.rc == 0 else None
+    except (json.JSONDecodeError, IndexError):
+        return None
+
+
+def plan(conn: Connection, facts: dict, runtimes: list[str], python: str, cache: str,
+         llama_cpp_lib: str = "") -> Plan:
+    """Use the named python as it is, or pistill's venv in the cache (listing what to install into it)."""
+    env = {"LLAMA_CPP_LIB_PATH": llama_cpp_lib} if llama_cpp_lib else {}
+    if python:
+        info = probe_python(conn, python)
+        if info is None:
+            raise ProvisionError(f"{conn.target}: python '{python}' is not there or does not run; install python3 "
+                                 "(sudo apt install python3 python3-venv) or fix [bench] python")
+        if lack := missing(info["packages"], runtimes):
+            reqs = " ".join(f"'{r}'" for x in lack for r in PACKAGES[x][1])
+            raise ProvisionError(f"{conn.target}: {python} lacks {', '.join(lack)}; install them there "
+                                 f"({python} -m pip install {reqs}) or leave [bench] python empty so pistill "
+                                 "provisions its own venv")
+        return Plan(python, [], env)
+    venv = f"{conn.expand(cache).rstrip('/')}/venv"
+    info = probe_python(conn, f"{venv}/bin/python")
+    if info is None and probe_python(conn, "python3") is None:
+        raise ProvisionError(f"{conn.target}: python3 is not installed; install it on the device "
+                             "(sudo apt install python3 python3-venv) or set [bench] python")
+    lack = missing(info and info["packages"], runtimes)
+    return Plan(f"{venv}/bin/python", install_commands(venv, lack, facts, llama_cpp_lib, info is not None), env)
+
+
+def provision(conn: Connection, p: Plan, runtimes: list[str]) -> None:
+    """Run the plan's installs, streaming their output, then check the runtimes import."""
+    for argv in p.commands:
+        log.info("%s: provisioning: %s", conn.target, describe(argv))
+        conn.run(argv, PIP_TIMEOUT_S if "pip" in " ".join(argv) else VENV_TIMEOUT_S, echo=True)
+    if p.commands and (lack := missing((probe_python(conn, p.python) or {}).get("packages"), runtimes)):
+        raise ProvisionError(f"{conn.target}: {', '.join(lack)} still missing in {p.python} after installing")

@@ -1,0 +1,205 @@
+"""The report as one self-contained HTML file: the tables, and matplotlib charts embedded as base64 PNGs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+
+from .report import COLUMNS, DEVICE_COLUMNS, MISSING, cell, device_summary, row_name, toml_block
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px}
+td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f2f2f2}h1,h2,h3{margin-top:1.4em}
+img{max-width:100%;border:1px solid #eee}.err{color:#b00020}.warn{color:#8a5a00}
+pre{background:#f7f7f7;padding:.8em;overflow:auto}"""
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def png(fig) -> str:
+    """A matplotlib Figure as a base64 PNG (Agg canvas: no pyplot, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _ms_per_token(r: dict) -> float | None:
+    tps = _num(r.get("decode_tps"))
+    return 1e3 / tps if tps else None
+
+
+STAGE_PANELS = (  # (title, value of a row)
+    ("size (MB)", lambda r: (_num(r.get("bytes")) or 0) / 1e6 or None),
+    ("perplexity", lambda r: _num(r.get("ppl"))),
+    ("decode latency (ms/token)", _ms_per_token),
+)
+
+
+def stage_chart(rows: list[dict]):
+    """Size, perplexity and decode latency per model, side by side (a missing figure is an empty bar)."""
+    from matplotlib.figure import Figure
+
+    names = [r["name"] for r in rows]
+    fig = Figure(figsize=(12, 0.9 + 0.45 * len(rows)))
+    for i, (title, value) in enumerate(STAGE_PANELS):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.barh(range(len(rows)), [value(r) or 0.0 for r in rows], color="#4c72b0")
+        ax.set_yticks(range(len(rows)), names if i == 0 else [""] * len(rows))
+        ax.invert_yaxis()
+        ax.set_title(title)
+    return fig
+
+
+def tradeoff_chart(rows: list[dict]):
+    """Size against perplexity, each model coloured by decode tok/s: what each stage bought."""
+    from matplotlib.figure import Figure
+
+    pts = [(r, _num(r.get("bytes")), _num(r.get("ppl"))) for r in rows]
+    pts = [(r, b / 1e6, p) for r, b, p in pts if b is not None and p is not None]
+    if not pts:
+        return None
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    timed = [(r, b, p) for r, b, p in pts if _num(r.get("decode_tps"))]
+    untimed = [(r, b, p) for r, b, p in pts if not _num(r.get("decode_tps"))]
+    sc = ax.scatter([b for _, b, _ in timed], [p for _, _, p in timed], c=[r["decode_tps"] for r, _, _ in timed],
+                    cmap="viridis", s=80)
+    ax.scatter([b for _, b, _ in untimed], [p for _, _, p in untimed], facecolors="none", edgecolors="grey", s=80,
+               label="not benchmarked")
+    for r, b, p in pts:
+        ax.annotate(r["name"], (b, p), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.margins(0.2)
+    if untimed:
+        ax.legend(fontsize=8)
+    if timed:
+        fig.colorbar(sc, ax=ax, label="decode tok/s")
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("size vs quality vs speed")
+    return fig
+
+
+def device_chart(devices: list[dict]):
+    """Decode tok/s of every model on every device, grouped by model."""
+    from matplotlib.figure import Figure
+
+    devs = [d for d in devices if any(_num(r.get("decode_tps")) for r in d["rows"])]
+    if not devs:
+        return None
+    names = list(dict.fromkeys(r["name"] for d in devs for r in d["rows"]))
+    fig = Figure(figsize=(max(6.0, 1.3 * len(names) * len(devs) ** 0.5), 3.8))
+    ax, width = fig.add_subplot(), 0.8 / len(devs)
+    for i, d in enumerate(devs):
+        by_name = {r["name"]: _num(r.get("decode_tps")) or 0.0 for r in d["rows"]}
+        ax.bar([j + i * width for j in range(len(names))], [by_name.get(n, 0.0) for n in names], width,
+               label=d["target"])
+    ax.set_xticks([j + width * (len(devs) - 1) / 2 for j in range(len(names))], names, rotation=20, ha="right")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title("decode speed per device")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def sweep_chart(devices: list[dict]):
+    """Decode tok/s against thread count, one line per model and device (only when a sweep was run)."""
+    from matplotlib.figure import Figure
+
+    lines = [(f"{d['target']}: {r['name']}", r["sweep"]) for d in devices for r in d["rows"]
+             if len(r.get("sweep") or []) > 1]
+    if not lines:
+        return None
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.add_subplot()
+    for label, sweep in lines:
+        pts = sorted((e["threads"], e["decode_tps"]) for e in sweep if _num(e.get("decode_tps")))
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=label)
+    ax.set_xticks(sorted({e["threads"] for _, sweep in lines for e in sweep}))
+    ax.set_xlabel("threads")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title("thread sweep")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def history_chart(history: list[dict]):
+    """Decode tok/s and perplexity of each model across earlier reports (two or more)."""
+    from matplotlib.figure import Figure
+
+    if len(history) < 2:
+        return None
+    labels = [f"{h['run']}\n{h['created'][5:16].replace('T', ' ')}" for h in history]
+    names = list(dict.fromkeys(r["name"] for h in history for r in h["rows"]))
+    fig = Figure(figsize=(12, 3.8))
+    for i, (key, title) in enumerate((("decode_tps", "decode tok/s"), ("ppl", "perplexity"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for name in names:
+            ys = [next((_num(r.get(key)) for r in h["rows"] if r["name"] == name), None) for h in history]
+            ax.plot(range(len(history)), [math.nan if y is None else y for y in ys], marker="o", label=name)
+        ax.set_xticks(range(len(history)), labels, fontsize=7)
+        ax.set_title(f"{title} across runs")
+    fig.axes[0].legend(fontsize=7)
+    return fig
+
+
+def charts(report: dict) -> dict[str, str]:
+    """Title -> base64 PNG, for the charts the data supports."""
+    figs = {"Size, quality and latency per stage": stage_chart(report["rows"]) if report["rows"] else None,
+            "Size vs quality vs speed": tradeoff_chart(report["rows"]),
+            "Per device": device_chart(report.get("devices") or []),
+            "Thread sweep": sweep_chart(report.get("devices") or []),
+            "History across runs": history_chart(report.get("history") or [])}
+    return {title: png(fig) for title, fig in figs.items() if fig is not None}
+
+
+# --- HTML -----------------------------------------------------------------------------------------------------
+
+def e(x: object) -> str:
+    return html.escape(str(x))
+
+
+def html_table(rows: list[dict], columns) -> str:
+    head = "<tr><th>model</th>" + "".join(f"<th>{e(h)}</th>" for _, h, _ in columns) + "</tr>"
+    body = "".join("<tr><td>" + e(row_name(r)) + "</td>" + "".join(f'<td class="n">{e(cell(r.get(k), f))}</td>'
+                                                                    for k, _, f in columns) + "</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def errors_html(rows: list[dict], key: str) -> str:
+    items = "".join(f"<li><b>{e(r['name'])}</b> failed: {e(r[key])}</li>" for r in rows if r.get(key))
+    return f'<ul class="err">{items}</ul>' if items else ""
+
+
+def devices_html(devices: list[dict]) -> str:
+    parts = []
+    for d in devices:
+        parts.append(f"<h3>{e(d['target'])}</h3><p>{e(device_summary(d))}</p>")
+        if d.get("error"):
+            parts.append(f'<p class="err"><b>device failed:</b> {e(d["error"])}</p>')
+        if d.get("warnings"):
+            parts.append('<ul class="warn">' + "".join(f"<li>{e(w)}</li>" for w in d["warnings"]) + "</ul>")
+        if d["rows"]:
+            parts.append(html_table(d["rows"], DEVICE_COLUMNS) + errors_html(d["rows"], "error"))
+    return "".join(parts)
+
+
+def render_html(report: dict) -> str:
+    imgs = "".join(f'<h3>{e(t)}</h3><img alt="{e(t)}" src="data:image/png;base64,{b}">'
+                   for t, b in charts(report).items())
+    bench = report.get("bench") or {}
+    body = [
+        "<h1>pistill report</h1>", html_table(report["rows"], COLUMNS), errors_html(report["rows"], "bench_error"),
+        f"<p>benchmark target: {e(bench.get('target') or MISSING)}</p>",
+        "<h2>Charts</h2>", imgs or "<p>no figures to chart</p>",
+    ]
+    if report.get("devices"):
+        body += ["<h2>Devices</h2>", devices_html(report["devices"])]
+    body += ["<h2>Recipe</h2>", f"<pre>{e(toml_block(report['recipe']))}</pre>"]
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>pistill report</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")

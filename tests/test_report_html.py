@@ -1,0 +1,148 @@
+"""The report's device section, history and self-contained HTML (looked at in headless Chromium)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from pistill.report import ReportConfig, device_row, history, report_data, run, snapshot
+from test_report import pipeline, write_artifact  # noqa: F401 (fixture)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PI5_FACTS = {"board": "Raspberry Pi 5 Model B Rev 1.0", "cpu": "Cortex-A76", "machine": "aarch64", "bits": 64,
+             "cores": 4, "mem_total_mb": 8052.0, "os": "Debian GNU/Linux 12 (bookworm)", "asimddp": True,
+             "python": {"version": "3.11.2"}}
+
+
+def agent_result(decode_tps: float, prefill_tps: float, fmt: str | None = None) -> dict:
+    """A schema-2 agent JSON, as a device would send it."""
+    thermal = {"temp_c": 55.0, "cpu_mhz": 2400.0, "throttled": "0x0", "throttled_flags": []}
+    r = {"schema_version": 2, "runtime": {"name": "llama_cpp", "version": "0.3.9"}, "threads": 4,
+         "prefill_tps": prefill_tps, "decode_tps": decode_tps, "ttft_s": 0.05, "peak_rss_mb": 90.0, "load_s": 0.2,
+         "decode_latency_ms": {"p50": 1e3 / decode_tps, "p95": 1.2e3 / decode_tps, "p99": 1.3e3 / decode_tps},
+         "decode_bw_fraction": 0.42, "bandwidth": {"gbs": 5.0}, "thermal": {"before": thermal, "after": thermal},
+         "sweep": [{"threads": 4, "prefill_tps": prefill_tps, "decode_tps": decode_tps},
+                   {"threads": 1, "prefill_tps": prefill_tps / 3, "decode_tps": decode_tps / 2}]}
+    return {**r, "device_format": fmt} if fmt else r
+
+
+DEVICES = {
+    "pi@pi5.local": {"facts": PI5_FACTS, "results": {"teacher": agent_result(10.0, 50.0, "as GGUF Q4_0"),
+                                                    "gguf": agent_result(40.0, 200.0)}},
+    "pi@pi4.local": {"facts": {"board": "Raspberry Pi 4 Model B", "asimddp": False},
+                     "warnings": ["no ARM dot product (asimddp), as on a Pi 4: export Q4_K_M"],
+                     "results": {"teacher": agent_result(5.0, 20.0, "as GGUF Q4_0"),
+                                 "gguf": {"error": "agent: error: llama_cpp failed on m: boom"}}},
+    "pi@pi3.local": {"error": "pi@pi3.local: cannot reach pi3.local:22: timed out", "results": {}},
+}
+
+
+@pytest.fixture(scope="module")
+def fleet_run(pipeline, tmp_path_factory):  # noqa: F811 (fixture)
+    """The fake pipeline with a bench artifact from a three-device fleet."""
+    root = tmp_path_factory.mktemp("fleet-run")
+    bench = write_artifact(root, "bench", pipeline[:1], {}, files={
+        "bench.json": json.dumps(DEVICES["pi@pi5.local"]["results"]), "devices.json": json.dumps(DEVICES)})
+    return [a for a in pipeline if a.stage != "bench"] + [bench]
+
+
+def test_device_rows_and_speedup(fleet_run, tmp_path):
+    report = report_data(fleet_run)
+    pi5, pi4, pi3 = report["devices"]
+    assert [d["target"] for d in report["devices"]] == list(DEVICES)
+    teacher, student = pi5["rows"]
+    assert teacher["speedup"] is None and student["speedup"] == pytest.approx(4.0)
+    assert student["p99"] == pytest.approx(32.5) and student["decode_bw_fraction"] == 0.42
+    assert teacher["device_format"] == "as GGUF Q4_0" and [s["threads"] for s in student["sweep"]] == [4, 1]
+    assert pi4["rows"][1]["error"].endswith("boom") and pi3["error"].endswith("timed out") and pi3["rows"] == []
+    assert pi5["facts"]["board"].startswith("Raspberry Pi 5") and pi5["python"] == "3.11.2"
+
+
+def test_device_row_of_a_failed_model():
+    assert device_row("gguf", "student", {"error": "x"}, 10.0) == {"stage": "gguf", "name": "student", "error": "x"}
+
+
+def test_markdown_devices_section(fleet_run, tmp_path):
+    md = run(fleet_run, ReportConfig(formats=["md"]), tmp_path / "report").file("report.md").read_text()
+    assert "## Devices" in md and "### pi@pi5.local" in md and "Raspberry Pi 5 Model B Rev 1.0, Cortex-A76" in md
+    assert "| teacher (as GGUF Q4_0) | 4 | 50.0 | 10.0 | – |" in md
+    assert "| student GGUF Q4_K_M | 4 | 200.0 | 40.0 | 4.00 | 50 | 25.0 | 30.0 | 32.5 | 90 | 42 | 55 |" in md
+    assert "**device failed**: pi@pi3.local: cannot reach" in md and "- **student GGUF Q4_K_M failed**" in md
+    assert "- warning: no ARM dot product (asimddp), as on a Pi 4: export Q4_K_M" in md
+
+
+def test_history_across_reruns_and_sibling_runs(pipeline, tmp_path):  # noqa: F811 (fixture)
+    runs = tmp_path / "runs"
+    first = run(pipeline, ReportConfig(formats=["json"]), runs / "a" / "report")
+    assert len(json.loads(first.file("report.json").read_text())["history"]) == 1
+    run(pipeline, ReportConfig(formats=["json"]), runs / "b" / "report")  # a sibling run folder
+    again = run(pipeline, ReportConfig(formats=["json"]), runs / "a" / "report")  # a rerun of a
+    hist = json.loads(again.file("report.json").read_text())["history"]
+    assert [h["run"] for h in hist].count("a") == 2 and [h["run"] for h in hist].count("b") == 1
+    assert hist == sorted(hist, key=lambda h: h["created"])
+    assert hist[-1]["rows"][4] == {"stage": "gguf", "name": "student GGUF Q4_K_M", "bytes": 800_000, "ppl": 28.4,
+                                   "decode_tps": 80.0, "prefill_tps": 400.0}
+    off = run(pipeline, ReportConfig(formats=["json"], history=False), runs / "c" / "report")
+    assert json.loads(off.file("report.json").read_text())["history"] == []
+
+
+def test_history_dedupes_snapshots(tmp_path):
+    cur = snapshot(tmp_path / "run", [], "2026-01-02T00:00:00Z")
+    (tmp_path / "run" / "report").mkdir(parents=True)
+    (tmp_path / "run" / "report" / "report.json").write_text(json.dumps({"history": [cur, cur, "junk"]}))
+    assert history(tmp_path / "run" / "report", cur) == [cur]
+
+
+@pytest.fixture(scope="module")
+def html_report(fleet_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("html") / "run" / "report"
+    run(fleet_run, ReportConfig(), out)
+    return run(fleet_run, ReportConfig(), out)  # a rerun: two history points to chart
+
+
+def test_html_is_one_self_contained_file(html_report):
+    page = html_report.file("report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)  # nothing fetched from anywhere
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    titles = [t for t, _ in images]
+    assert titles == ["Size, quality and latency per stage", "Size vs quality vs speed", "Per device",
+                      "Thread sweep", "History across runs"]
+    assert all(base64.b64decode(b).startswith(b"\x89PNG\r\n\x1a\n") for _, b in images)
+    assert "× teacher" in page and "<td class=\"n\">4.00</td>" in page and "device failed" in page
+    assert "pi@pi4.local" in page and "student GGUF Q4_K_M</b> failed" in page
+    assert '<ul class="warn"><li>no ARM dot product' in page
+    assert {"report.md", "report.json", "report.html"} <= set(html_report.manifest["files"])
+
+
+def test_html_escapes_what_it_shows(fleet_run, tmp_path):
+    from pistill.report_html import render_html
+
+    report = report_data(fleet_run)
+    report["devices"][2]["error"] = "<img src=x onerror=alert(1)>"
+    report["rows"] = report["rows"][:1]  # fewer charts to draw
+    page = render_html(report)
+    assert "<img src=x" not in page and "&lt;img src=x" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium to render the HTML (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(html_report, tmp_path):
+    from matplotlib.image import imread
+
+    shot = tmp_path / "report.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--no-proxy-server",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,3000", f"--screenshot={shot}",
+           html_report.file("report.html").as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    img = imread(shot)  # (H, W, 3 or 4) floats in [0, 1]
+    assert img.shape[:2] == (3000, 1280)
+    ink = (img[..., :3].mean(axis=2) < 0.5).mean(axis=1)  # dark pixels per row
+    assert ink[:200].max() > 0.05  # the title and the table at the top
+    assert (ink[600:] > 0.01).sum() > 500  # charts and device tables below, not a blank page

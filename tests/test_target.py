@@ -1,0 +1,195 @@
+"""SSH targets: spec parsing through ssh_config, host-key checks, quoted commands with limits, on a real sshd."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pistill.device import target as T
+from sshd import SSHServer, keygen, sshd, sshd_factory  # noqa: F401 (fixtures)
+
+SSH_CONFIG = """\
+Host pi5
+  HostName 10.1.2.3
+  User pi
+  Port 2222
+  IdentityFile ~/.ssh/pi5_ed25519
+  ServerAliveInterval 7
+Host pi4
+  HostName pi4.lan
+  ProxyJump bastion
+  UserKnownHostsFile ~/pistill_known_hosts
+Host far
+  HostName far.lan
+  ProxyJump a,b
+"""
+
+
+@pytest.fixture
+def ssh_config(tmp_path):
+    path = tmp_path / "config"
+    path.write_text(SSH_CONFIG)
+    return path
+
+
+@pytest.mark.parametrize("spec, host, user, port", [
+    ("pi@pi5.local", "pi5.local", "pi", 22),
+    ("pi@10.0.0.5:2200", "10.0.0.5", "pi", 2200),
+    ("pi@[::1]:2200", "::1", "pi", 2200),
+    ("pi5", "10.1.2.3", "pi", 2222),  # alias: HostName, User, Port from the config
+    ("bob@pi5", "10.1.2.3", "bob", 2222),  # the spec's user wins, as with ssh
+    ("pi5:2000", "10.1.2.3", "pi", 2000),
+])
+def test_parse_target(ssh_config, spec, host, user, port):
+    t = T.parse_target(spec, ssh_config)
+    assert (t.spec, t.host, t.user, t.port) == (spec, host, user, port)
+
+
+def test_parse_target_reads_identity_jump_keepalive_known_hosts(ssh_config):
+    pi5, pi4 = T.parse_target("pi5", ssh_config), T.parse_target("pi4", ssh_config)
+    assert pi5.identity_files[0].endswith("/.ssh/pi5_ed25519") and "~" not in pi5.identity_files[0]
+    assert pi5.keepalive_s == 7 and pi5.proxy_jump is None and pi5.host_key_name == "[10.1.2.3]:2222"
+    assert pi4.proxy_jump == "bastion" and pi4.keepalive_s == T.KEEPALIVE_S and pi4.host_key_name == "pi4.lan"
+    assert pi4.known_hosts.endswith("/pistill_known_hosts")
+
+
+def test_jump_chain(ssh_config):
+    far = T.parse_target("far", ssh_config)
+    hop = T.jump_target(far, ssh_config)
+    assert hop.host == "b" and hop.proxy_jump == "a"  # b is reached through a
+    assert T.jump_target(hop, ssh_config).host == "a" and T.jump_target(T.parse_target("a", ssh_config),
+                                                                       ssh_config) is None
+
+
+@pytest.mark.parametrize("spec", ["pi@", "@host", "pi@host:99999", "pi@host:0", "a b", "pi@ho st", "pi@host:x",
+                                  "-oProxyCommand=x", ""])
+def test_bad_specs(spec):
+    with pytest.raises(ValueError, match="is not understood"):
+        T.check_spec(spec)
+
+
+def test_missing_named_ssh_config(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        T.parse_target("pi@pi5", tmp_path / "nope")
+
+
+def test_last_line_and_describe():
+    assert T.last_line("", "a\nboom\n\n") == "boom" and T.last_line("", "") == "no output"
+    assert T.describe(["echo", "a b"]) == "echo 'a b'" and T.describe(["x" * 300]).endswith("...")
+
+
+# --- against a real sshd --------------------------------------------------------------------------------------
+
+def server_target(server: SSHServer) -> T.Target:
+    return T.parse_target(server.spec, server.ssh_config)
+
+
+def test_connect_and_run_quoted(sshd):
+    with T.connect(server_target(sshd), sshd.known_hosts) as conn:
+        res = conn.run(["printf", "%s|", "a b", "$HOME", "x; rm -rf /nope", "'q'"], 10)
+        assert res.stdout == "a b|$HOME|x; rm -rf /nope|'q'|"  # every argument arrives literally
+        assert conn.expand("~/x") == conn.home + "/x" and conn.expand("/abs") == "/abs"
+
+
+def test_output_is_streamed_to_the_log(sshd, caplog):
+    with caplog.at_level(logging.DEBUG, logger="pistill.device.target"), \
+            T.connect(server_target(sshd), sshd.known_hosts) as conn:
+        conn.run(["sh", "-c", "echo step one; echo warn two >&2"], 10, echo=True)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(ln.endswith("| step one") for ln in lines) and any(ln.endswith("! warn two") for ln in lines)
+
+
+def test_failing_command_names_its_last_error_line(sshd):
+    with T.connect(server_target(sshd), sshd.known_hosts) as conn:
+        with pytest.raises(T.TargetError, match=r"exited with code 3: second"):
+            conn.run(["sh", "-c", "echo first >&2; echo second >&2; exit 3"], 10)
+        assert conn.run(["sh", "-c", "exit 4"], 10, check=False).rc == 4
+
+
+def test_command_past_its_limit_is_stopped(sshd):
+    marker = f"{time.time_ns() % 10**6 + 1000.5}"  # a sleep argument no other process uses
+    with T.connect(server_target(sshd), sshd.known_hosts) as conn:
+        t0 = time.monotonic()
+        with pytest.raises(T.RemoteTimeout, match=r"ran past its 1 s limit and was stopped"):
+            conn.run(["sleep", marker], 1)
+        assert time.monotonic() - t0 < 5
+        left = conn.run(["sh", "-c", f"ps -eo args | grep -c '^sleep {marker}' || true"], 10).stdout.strip()
+    assert left == "0"  # stopped on the device, not just abandoned
+
+
+def test_unknown_host_is_refused_with_its_fingerprint(sshd, tmp_path):
+    empty = tmp_path / "known_hosts"
+    with pytest.raises(T.HostKeyError) as err:
+        T.connect(server_target(sshd), empty)
+    fp = subprocess.run(["ssh-keygen", "-lf", str(sshd.dir / "host_ed25519.pub")], capture_output=True,
+                        text=True).stdout.split()[1]
+    assert err.value.fingerprint == fp and fp in str(err.value) and "--accept-host-key" in str(err.value)
+    assert not empty.exists()  # nothing was added
+    with pytest.raises(T.HostKeyError, match="not the SHA256:wrong you accepted"):
+        T.connect(server_target(sshd), empty, accept_host_key="SHA256:wrong")
+    with T.connect(server_target(sshd), empty, accept_host_key=fp) as conn:  # the explicit opt-in
+        conn.run(["true"], 10)
+    assert empty.read_text().startswith(f"[127.0.0.1]:{sshd.port} ssh-ed25519 ")
+    T.connect(server_target(sshd), empty).close()  # known now
+
+
+def test_changed_host_key_is_refused(sshd, tmp_path):
+    other = keygen(tmp_path / "other")
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(other.split()[:2])}\n")
+    with pytest.raises(T.HostKeyError, match="HOST KEY CHANGED") as err:
+        T.connect(server_target(sshd), known)
+    assert "ssh-keygen -f" in str(err.value)
+    with pytest.raises(T.HostKeyError, match="HOST KEY CHANGED"):  # accepting does not override a known key
+        T.connect(server_target(sshd), known, accept_host_key=err.value.fingerprint)
+
+
+def test_trust(sshd, tmp_path):
+    known, tgt = tmp_path / "kh", server_target(sshd)
+    fp, state = T.trust(tgt, None, known)
+    assert state == "unconfirmed" and fp.startswith("SHA256:") and not known.exists()
+    with pytest.raises(T.HostKeyError, match="nothing was trusted"):
+        T.trust(tgt, "SHA256:nope", known)
+    assert T.trust(tgt, fp, known) == (fp, "added")
+    assert T.trust(tgt, None, known) == (fp, "known")
+
+
+def test_wrong_key_fails_authentication_with_the_fix(sshd, tmp_path):
+    keygen(tmp_path / "stranger")
+    tgt = dataclasses.replace(server_target(sshd), identity_files=(str(tmp_path / "stranger"),))
+    with pytest.raises(T.TargetError, match="authentication failed.*ssh-copy-id"):
+        T.connect(tgt, sshd.known_hosts)
+
+
+def test_unreachable_device(sshd_factory):
+    down = sshd_factory("down", run=False)
+    with pytest.raises(T.TargetError, match=f"cannot reach 127.0.0.1:{down.port}"):
+        T.connect(server_target(down), down.known_hosts, timeout_s=5)
+
+
+def test_proxy_jump(sshd, tmp_path):
+    """`ProxyJump` through the server to itself: a direct-tcpip channel carries the second connection."""
+    cfg = tmp_path / "config"
+    cfg.write_text(sshd.ssh_config.read_text().replace("Host *", f"Host viajump\n  HostName 127.0.0.1\n"
+                                                       f"  Port {sshd.port}\n  ProxyJump testpi\nHost *"))
+    with T.connect(T.parse_target("viajump", cfg), sshd.known_hosts, ssh_config=cfg) as conn:
+        assert conn.run(["echo", "through"], 10).stdout == "through\n" and len(conn.jumps) == 1
+
+
+def test_cli_trust_and_doctor_refuse_unknown_host(sshd, tmp_path):
+    known = tmp_path / "kh"
+    base = [sys.executable, "-m", "pistill.cli"]
+    opts = ["--known-hosts", str(known), "--ssh-config", str(sshd.ssh_config)]
+    p = subprocess.run(base + ["doctor", sshd.spec, *opts], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "is not in" in p.stderr and "pistill trust" in p.stderr
+    p = subprocess.run(base + ["trust", sshd.spec, *opts], capture_output=True, text=True, timeout=60)
+    fp = p.stderr.split("--accept-host-key ")[-1].strip()
+    assert p.returncode == 1 and fp.startswith("SHA256:")
+    p = subprocess.run(base + ["trust", sshd.spec, *opts, "--accept-host-key", fp], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and "added to" in p.stdout and known.read_text().count("ssh-ed25519") == 1
