@@ -203,6 +203,18 @@ def load_reference(data: Artifact) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def build_blocks(cfg: DataConfig, tok, generated: list[dict]) -> dict[str, np.ndarray]:
+    """Calibration blocks from the first training documents, training blocks from the rest plus the teacher's
+    answers, held-out blocks from the held-out documents."""
+    train_docs, heldout_docs = split_heldout(read_corpus(cfg))
+    train_docs = shuffled(train_docs, cfg.seed)
+    gen_docs = [chat_text(tok, r) for r in generated]
+    rest = shuffled(gen_docs + train_docs[len(train_docs) // 2:], cfg.seed + 1)
+    return {"calib": pack(train_docs, tok, cfg.block_size, cfg.calib_blocks),
+            "train": pack(rest, tok, cfg.block_size, cfg.train_blocks),
+            "heldout": pack(heldout_docs, tok, cfg.block_size, cfg.heldout_blocks)}
+
+
 def run(inputs: list[Artifact], cfg: DataConfig, out: Path) -> Artifact:
     """Build calibration / training / held-out blocks, teacher answers and the teacher reference."""
     from .models import load_model, load_tokenizer
@@ -210,23 +222,16 @@ def run(inputs: list[Artifact], cfg: DataConfig, out: Path) -> Artifact:
     teacher = inputs[0]
     with ArtifactWriter(out, "data", cfg, inputs) as w:
         tok = load_tokenizer(teacher.model_path())
-        train_docs, heldout_docs = split_heldout(read_corpus(cfg))
-        train_docs = shuffled(train_docs, cfg.seed)
         model = load_model(teacher.model_path())
         generated = []
         if cfg.generate:
             generated = generate_responses(model, tok, read_prompts(cfg)[: cfg.generate], cfg.gen_tokens, cfg.seed)
-        gen_docs = [chat_text(tok, r) for r in generated]
-        calib = pack(train_docs, tok, cfg.block_size, cfg.calib_blocks)
-        train = pack(shuffled(gen_docs + train_docs[len(train_docs) // 2:], cfg.seed + 1), tok, cfg.block_size,
-                     cfg.train_blocks)
-        heldout = pack(heldout_docs, tok, cfg.block_size, cfg.heldout_blocks)
-        ref = teacher_reference(model, heldout, cfg.topk)
-        for name, arr in (("calib", calib), ("train", train), ("heldout", heldout)):
+        blocks = build_blocks(cfg, tok, generated)
+        ref = teacher_reference(model, blocks["heldout"], cfg.topk)
+        for name, arr in blocks.items():
             np.save(w.dir / f"{name}.npy", arr)
         np.savez(w.dir / "reference.npz", **ref)
         (w.dir / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generated))
-        w.metrics.update(teacher_ppl=float(np.exp(ref["nll"].mean())), n_tokens=int(heldout.size),
-                         generated=len(generated), topk_mass=float(np.exp(ref["topk_logp"]).sum(-1).mean()),
-                         train_docs=len(train_docs), heldout_docs=len(heldout_docs))
+        w.metrics.update(teacher_ppl=float(np.exp(ref["nll"].mean())), n_tokens=int(blocks["heldout"].size),
+                         generated=len(generated), topk_mass=float(np.exp(ref["topk_logp"]).sum(-1).mean()))
     return w.artifact

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -97,9 +96,10 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
 
 
 def gguf_cache_path(gguf: Path) -> Path:
-    st = gguf.stat()
-    tag = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    return cache_dir() / "teachers" / f"{gguf.stem}-{tag}"
+    """Cache folder keyed by the file's content, so every clone or venv holding the same GGUF shares it."""
+    from .artifact import sha256_file
+
+    return cache_dir() / "teachers" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
 
 
 def materialize(source: str) -> Path:

@@ -74,14 +74,12 @@ def run_stage(st: Stage, inputs: list[Artifact], cfg, out: Path, force: bool) ->
     return st.load().run(inputs, cfg, out), True
 
 
-def run(configs: dict, out: Path, force: str | None = None, only: list[str] | None = None) -> dict[str, Artifact]:
+def run(configs: dict, out: Path, force: str | None = None) -> dict[str, Artifact]:
     """Run every stage in order into `out/<stage>`; stages from `force` on rerun even when unchanged."""
     forced_from = [s.name for s in STAGES].index(force) if force else len(STAGES)
     arts: dict[str, Artifact] = {}
     runlog = []
     for i, st in enumerate(STAGES):
-        if only and st.name not in only:
-            continue
         log.info("[%d/%d] %s ...", i + 1, len(STAGES), st.name)
         t0 = time.time()
         art, ran = run_stage(st, [arts[n] for n in st.inputs], configs[st.name], out / st.name, i >= forced_from)

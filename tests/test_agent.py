@@ -197,3 +197,12 @@ def test_bandwidth_probe_and_fraction():
     assert bw["gbs"] > 0.1 and bw["buffer_mb"] == 4 and bw["threads"] == 2
     assert agent.bw_fraction(1_000_000_000, 2.0, {"gbs": 4.0}) == pytest.approx(0.5)
     assert agent.bw_fraction(1, 2.0, None) is None
+
+
+def test_peak_rss_is_this_process_not_the_parent():
+    """ru_maxrss survives fork+exec; the agent must report its own peak (VmHWM), not the pipeline's."""
+    ballast = b"x" * 400_000_000  # resident in the parent
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import agent; print(agent.peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code, str(AGENT.parent)], capture_output=True, text=True,
+                         check=True)
+    assert float(out.stdout) < 200 and len(ballast) == 400_000_000

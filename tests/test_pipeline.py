@@ -38,3 +38,15 @@ def test_stage_order_and_inputs_are_consistent():
     names = [s.name for s in pipeline.STAGES]
     for i, st in enumerate(pipeline.STAGES):
         assert all(names.index(n) < i for n in st.inputs), st.name
+
+
+def test_teacher_cache_is_keyed_by_content(tmp_path):
+    from pistill.models import gguf_cache_path
+
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p, body in ((a, b"GGUF same"), (b, b"GGUF same")):
+        p.parent.mkdir()
+        p.write_bytes(body)
+    assert gguf_cache_path(a) == gguf_cache_path(b)
+    b.write_bytes(b"GGUF other")
+    assert gguf_cache_path(a) != gguf_cache_path(b)
