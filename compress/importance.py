@@ -1,4 +1,5 @@
-"""MLP channel importance: activation statistics on calibration blocks, weight magnitude, and a random baseline."""
+"""Structural importance (MLP channels, attention heads, layers, hidden channels): activation statistics on
+calibration blocks, weight magnitude, and a random baseline."""
 
 from __future__ import annotations
 
@@ -7,20 +8,24 @@ from typing import Callable
 import numpy as np
 
 SCORERS: dict[str, Callable] = {}  # method -> fn(model, blocks (N, T) int32, seed) -> list of (ffn_dim,) per layer
+HEAD_SCORERS: dict[str, Callable] = {}  # method -> fn(model, blocks, seed) -> list of (n_heads,) per layer
+LAYER_SCORERS: dict[str, Callable] = {}  # method -> fn(model, blocks, seed) -> (n_layer,): low = safe to drop
+HIDDEN_SCORERS: dict[str, Callable] = {}  # method -> fn(model, blocks, seed) -> (hidden,)
+AXES = {"mlp": SCORERS, "heads": HEAD_SCORERS, "layers": LAYER_SCORERS, "hidden": HIDDEN_SCORERS}
 
 
-def scorer(name: str):
-    """Register a model-level scorer under `name` (the `method` of `PruneConfig`)."""
+def scorer(name: str, axis: str = "mlp"):
+    """Register a model-level scorer of `axis` under `name` (the `method` of `PruneConfig`)."""
     def register(fn: Callable) -> Callable:
-        SCORERS[name] = fn
+        AXES[axis][name] = fn
         return fn
     return register
 
 
-def get_scorer(name: str) -> Callable:
-    if name not in SCORERS:
-        raise ValueError(f"importance method '{name}' is not supported; supported: {', '.join(sorted(SCORERS))}")
-    return SCORERS[name]
+def get_scorer(name: str, axis: str = "mlp") -> Callable:
+    if name not in AXES[axis]:
+        raise ValueError(f"importance method '{name}' is not supported; supported: {', '.join(sorted(AXES[axis]))}")
+    return AXES[axis][name]
 
 
 # --- pure score functions: tensors in, tensors out ---------------------------------------------------------------
@@ -39,6 +44,30 @@ def channel_l2(acts):
 def channel_mean_abs(acts):
     """Per-channel mean |a| over the sequence, summed over the batch: (B, T, F) -> (F,); divide by B for the mean."""
     return acts.float().abs().mean(dim=1).sum(dim=0)  # (F,)
+
+
+def head_l2(acts, n_heads: int):
+    """Per-head L2 norm of the attention output before o_proj, over head_dim and the sequence, summed over the
+    batch: (B, T, n_heads * head_dim) -> (n_heads,).
+
+    Minitron's head importance (Muralidharan et al. 2024, arXiv:2407.14679, Sec. 2.2: the norm of each head's
+    attention output, aggregated with L2 over the sequence and the mean over the batch; sums keep it exact).
+    """
+    b, t, _ = acts.shape
+    per_token = acts.float().reshape(b, t, n_heads, -1).norm(dim=-1)  # (B, T, H)
+    return per_token.norm(dim=1).sum(dim=0)  # (H,)
+
+
+def block_influence(x_in, x_out):
+    """Block Influence per token: 1 - cos(x_in, x_out) of a block's input and output hidden states.
+
+    (B, T, D), (B, T, D) -> (B, T). Men et al. 2024, "ShortGPT: Layers in Large Language Models are More
+    Redundant Than You Expect", arXiv:2403.03853, Eq. 1 (BI_i = 1 - E_t[cos(X_i,t, X_i+1,t)]): a block that
+    barely changes its input scores near 0 and is the first to drop.
+    """
+    import torch
+
+    return 1.0 - torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
 
 
 def magnitude_score(gate_w, up_w, down_w):
@@ -70,24 +99,29 @@ class ActivationStats:
         scores = stats.scores()  # list of (ffn_dim,) per layer
     """
 
-    def __init__(self, model, stat: Callable = channel_l2):
+    def __init__(self, model, stat: Callable = channel_l2, module: Callable = lambda layer: layer.mlp.down_proj,
+                 output: bool = False):
         self.layers = model.model.layers
         self.stat = stat
+        self.module = module  # layer -> the hooked submodule
+        self.output = output  # hook the module's output (forward hook) instead of its input (pre-hook)
         self.sums = [None] * len(self.layers)
         self.n_seq = 0  # sequences seen (the batch dimension, summed)
         self._handles = []
 
     def _hook(self, i: int):
-        def hook(module, args):
-            s = self.stat(args[0].detach()).double().cpu()  # (F,)
+        def hook(module, args, out=None):
+            acts = (out if self.output else args[0]).detach()
+            s = self.stat(acts).double().cpu()  # (F,)
             self.sums[i] = s if self.sums[i] is None else self.sums[i] + s
             if i == 0:
-                self.n_seq += args[0].shape[0]
+                self.n_seq += acts.shape[0]
         return hook
 
     def __enter__(self) -> "ActivationStats":
-        self._handles = [layer.mlp.down_proj.register_forward_pre_hook(self._hook(i))
-                         for i, layer in enumerate(self.layers)]
+        mods = [self.module(layer) for layer in self.layers]
+        self._handles = [m.register_forward_hook(self._hook(i)) if self.output else
+                         m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(mods)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -106,16 +140,22 @@ class ActivationStats:
 @scorer("activation")
 def activation_scores(model, blocks: np.ndarray, seed: int, batch_size: int = 4) -> list:
     """Minitron-style activation importance of every MLP channel from forward passes on calibration blocks."""
+    with ActivationStats(model) as stats:
+        calibrate(model, blocks, batch_size)
+    return stats.scores()
+
+
+def calibrate(model, blocks: np.ndarray, batch_size: int = 4) -> None:
+    """Forward passes over calibration blocks (N, T), for the hooks of a statistics collector."""
     import torch
     from rich.console import Console
     from rich.progress import track
 
     steps = range(0, len(blocks), batch_size)
-    with ActivationStats(model) as stats, torch.inference_mode():
+    with torch.inference_mode():
         for i in track(steps, description="activation statistics", transient=True, console=Console(stderr=True)):
             x = torch.as_tensor(blocks[i:i + batch_size].astype(np.int64), device=model.device)
             model(input_ids=x, use_cache=False)
-    return stats.scores()
 
 
 @scorer("magnitude")
@@ -130,3 +170,97 @@ def random_scores(model, blocks: np.ndarray, seed: int) -> list:
     """Random importance per layer (a different draw per layer, reproducible from `seed`)."""
     ffn_dim = model.config.intermediate_size
     return [random_score(ffn_dim, seed * 10_007 + i) for i in range(len(model.model.layers))]
+
+
+# --- attention heads ---------------------------------------------------------------------------------------------
+
+@scorer("activation", "heads")
+def head_activation_scores(model, blocks: np.ndarray, seed: int) -> list:
+    """Minitron head importance: the L2 norm of each head's output (the input of o_proj) on calibration blocks."""
+    from functools import partial
+
+    stat = partial(head_l2, n_heads=model.config.num_attention_heads)
+    with ActivationStats(model, stat, module=lambda layer: layer.self_attn.o_proj) as stats:
+        calibrate(model, blocks)
+    return stats.scores()
+
+
+@scorer("magnitude", "heads")
+def head_magnitude_scores(model, blocks: np.ndarray, seed: int) -> list:
+    """||W_q rows of head h|| * ||W_o columns of head h||; needs no data."""
+    n = model.config.num_attention_heads
+    out = []
+    for layer in model.model.layers:
+        q, o = layer.self_attn.q_proj.weight.float(), layer.self_attn.o_proj.weight.float()  # (H*hd, D), (D, H*hd)
+        out.append((q.reshape(n, -1).norm(dim=1) * o.T.reshape(n, -1).norm(dim=1)).detach().cpu())
+    return out
+
+
+@scorer("random", "heads")
+def head_random_scores(model, blocks: np.ndarray, seed: int) -> list:
+    n = model.config.num_attention_heads
+    return [random_score(n, seed * 10_007 + 101 + i) for i in range(len(model.model.layers))]
+
+
+# --- whole layers -------------------------------------------------------------------------------------------------
+
+@scorer("activation", "layers")
+def layer_influence_scores(model, blocks: np.ndarray, seed: int):
+    """Block Influence of every decoder layer, averaged over calibration tokens: (n_layer,) float64."""
+    import torch
+
+    sums = torch.zeros(len(model.model.layers), dtype=torch.float64)
+    count = [0]
+
+    def hook(i):
+        def fn(module, args, kwargs, out):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            bi = block_influence(x_in, out[0] if isinstance(out, tuple) else out)  # (B, T)
+            sums[i] += bi.double().sum().cpu()
+            count[0] += bi.numel() if i == 0 else 0
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
+    try:
+        calibrate(model, blocks)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums / max(count[0], 1)
+
+
+@scorer("magnitude", "layers")
+def layer_magnitude_scores(model, blocks: np.ndarray, seed: int):
+    """||W_o|| + ||W_down||: the weights that write into the residual stream (an identity block scores 0)."""
+    import torch
+
+    return torch.stack([(layer.self_attn.o_proj.weight.float().norm() + layer.mlp.down_proj.weight.float().norm())
+                        .detach().cpu() for layer in model.model.layers]).double()
+
+
+@scorer("random", "layers")
+def layer_random_scores(model, blocks: np.ndarray, seed: int):
+    return random_score(len(model.model.layers), seed * 10_007 + 202).double()
+
+
+# --- hidden (embedding) channels ----------------------------------------------------------------------------------
+
+@scorer("activation", "hidden")
+def hidden_activation_scores(model, blocks: np.ndarray, seed: int):
+    """Minitron embedding-channel importance: L2 activation norms of every layernorm output, summed over layers."""
+    stats = [ActivationStats(model, module=lambda layer: layer.input_layernorm, output=True),
+             ActivationStats(model, module=lambda layer: layer.post_attention_layernorm, output=True)]
+    with stats[0], stats[1]:
+        calibrate(model, blocks)
+    return sum(sum(s.scores()) for s in stats)
+
+
+@scorer("magnitude", "hidden")
+def hidden_magnitude_scores(model, blocks: np.ndarray, seed: int):
+    """Column norm of the token embedding: how large each channel is written into the residual stream."""
+    return model.model.embed_tokens.weight.float().norm(dim=0).detach().cpu()
+
+
+@scorer("random", "hidden")
+def hidden_random_scores(model, blocks: np.ndarray, seed: int):
+    return random_score(model.config.hidden_size, seed * 10_007 + 303)

@@ -1,104 +1,151 @@
-"""Structured MLP pruning: every layer keeps its most important channels, the same number in each."""
+"""Structured pruning to uniform layer shapes (MLP channels, attention heads, layers, hidden width) and
+unstructured sparsity for comparison; the `prune` stage."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
 
 from .importance import get_scorer
+from .shapes import Shape, budget_shape, param_count, parse_params, round_to, teacher_shape
+from .sparsity import get_weight_scorer, parse_nm, sparsify, zero_fraction
+from .structured import drop_layers, prune_heads, prune_hidden, prune_mlp, select_channels, select_heads
 
 log = logging.getLogger(__name__)
 
-
 @dataclass(frozen=True)
 class PruneConfig:
-    """How wide the MLP of the pruned student is and how its channels are chosen."""
+    """The shape of the pruned student, how its parts are chosen, and optional unstructured sparsity."""
 
-    VERSION: ClassVar[int] = 1
-    method: str = "activation"  # channel importance: activation | magnitude | random
+    VERSION: ClassVar[int] = 2
+    method: str = "activation"  # importance: activation (Minitron; Block Influence for layers) | magnitude | random
     ffn_dim: int | None = None  # MLP width kept in every layer; when set it overrides ffn_ratio
-    ffn_ratio: float = 0.5  # fraction of MLP channels kept (when ffn_dim is None)
-    multiple_of: int = 32  # round the kept width to a multiple of this; llama.cpp/onnx kernels need multiples of 32
+    ffn_ratio: float = 0.5  # fraction of MLP channels kept (when ffn_dim and target_params are unset)
+    n_heads: int | None = None  # query heads kept per layer (None: all); a multiple of kv_heads
+    kv_heads: int | None = None  # key/value heads kept per layer (None: all); whole GQA groups are dropped
+    hidden: int | None = None  # embedding width kept across all layers (None: all); head_dim stays fixed
+    n_layer: int | None = None  # layers kept (None: all); the lowest Block Influence ones are dropped
+    target_params: str | int | None = None  # parameter budget, e.g. "60M": chooses hidden and ffn_dim (met within 2%)
+    multiple_of: int = 32  # round widths to a multiple of this; llama.cpp/onnx kernels need multiples of 32
+    kquant_friendly: bool = False  # round widths to multiples of 256 instead (llama.cpp K-quant super-blocks)
+    sparsity: float = 0.0  # unstructured: fraction of each decoder weight row zeroed (same file size and speed)
+    nm: str = ""  # semi-structured N:M instead, e.g. "2:4" (same file size and speed on a Pi)
+    sparsity_method: str = "wanda"  # weight scores for sparsity / nm: wanda (|W| * ||X||) | magnitude
     calib_blocks: int = 16  # calibration blocks for the activation statistics (at most what the data holds)
     seed: int = 0  # random scorer seed
 
+    @property
+    def step(self) -> int:
+        """The width multiple in effect."""
+        return 256 if self.kquant_friendly else self.multiple_of
+
     def __post_init__(self):
-        get_scorer(self.method)  # ValueError listing the methods
+        for axis in ("mlp", "heads", "layers", "hidden"):
+            get_scorer(self.method, axis)  # ValueError listing the methods
+        get_weight_scorer(self.sparsity_method)
         if self.ffn_dim is not None and self.ffn_dim < 1:
             raise ValueError(f"ffn_dim = {self.ffn_dim} must be at least 1; or leave it unset and use ffn_ratio")
         if not 0.0 < self.ffn_ratio <= 1.0:
             raise ValueError(f"ffn_ratio = {self.ffn_ratio} must be in (0, 1]: the fraction of channels kept")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of = {self.multiple_of} must be at least 1 (1 turns rounding off)")
-        if self.ffn_dim is not None and self.ffn_dim % self.multiple_of:
-            raise ValueError(f"ffn_dim = {self.ffn_dim} is not a multiple of multiple_of = {self.multiple_of}; "
-                             f"use {self.ffn_dim // self.multiple_of * self.multiple_of or self.multiple_of} "
-                             "or lower multiple_of")
+        for name in ("ffn_dim", "hidden"):
+            value = getattr(self, name)
+            if value is not None and value % self.step:
+                raise ValueError(f"{name} = {value} is not a multiple of {self.step}; "
+                                 f"use {value // self.step * self.step or self.step} or lower multiple_of")
+        for name in ("n_heads", "kv_heads", "hidden", "n_layer"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be at least 1, or unset to keep them all")
+        if self.n_heads and self.kv_heads and self.n_heads % self.kv_heads:
+            fix = self.n_heads // self.kv_heads * self.kv_heads or self.kv_heads
+            raise ValueError(f"n_heads = {self.n_heads} is not a multiple of kv_heads = {self.kv_heads}; every kv "
+                             f"head needs the same number of query heads: use {fix}")
+        if self.target_params is not None:
+            if parse_params(self.target_params) < 1:
+                raise ValueError(f"target_params = {self.target_params!r} must be positive")
+            if self.ffn_dim is not None:
+                raise ValueError("ffn_dim and target_params are both set; the budget chooses ffn_dim: unset one")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity = {self.sparsity} must be in [0, 1): the fraction of weights zeroed")
+        if self.nm:
+            parse_nm(self.nm)
+            if self.sparsity:
+                raise ValueError(f"sparsity = {self.sparsity} and nm = {self.nm!r} are both set; use one")
         if self.calib_blocks < 1:
             raise ValueError(f"calib_blocks = {self.calib_blocks} must be at least 1")
 
 
 def kept_width(ffn_dim: int, cfg: PruneConfig) -> int:
-    """The MLP width after pruning: cfg.ffn_dim, or ffn_ratio * ffn_dim rounded to a multiple of multiple_of."""
+    """The MLP width after pruning: cfg.ffn_dim, or ffn_ratio * ffn_dim rounded to a multiple of cfg.step."""
     if cfg.ffn_dim is not None:
         if cfg.ffn_dim > ffn_dim:
             raise ValueError(f"ffn_dim = {cfg.ffn_dim} is wider than the teacher's MLP ({ffn_dim}); "
                              f"use a value up to {ffn_dim}")
         return cfg.ffn_dim
-    width = max(cfg.multiple_of, round(cfg.ffn_ratio * ffn_dim / cfg.multiple_of) * cfg.multiple_of)
-    return min(width, ffn_dim)  # the full width when rounding overshoots (a teacher not a multiple of 32)
+    return min(round_to(cfg.ffn_ratio * ffn_dim, cfg.step), ffn_dim)  # full width when rounding overshoots
 
 
-def select_channels(scores: list, width: int) -> list:
-    """The `width` highest-scoring channel indices of each layer, in ascending order: list of (width,) int64."""
-    return [s.topk(width).indices.sort().values for s in scores]
+def target_shape(hf: dict, cfg: PruneConfig) -> Shape:
+    """The uniform shape the teacher (HF config dict) is pruned to; fails on impossible targets, before weights."""
+    t = teacher_shape(hf)
+    for name, value in (("n_layer", cfg.n_layer), ("hidden", cfg.hidden), ("n_heads", cfg.n_heads),
+                        ("kv_heads", cfg.kv_heads)):
+        if value is not None and value > getattr(t, name):
+            raise ValueError(f"{name} = {value} is more than the teacher's {getattr(t, name)}; use at most that")
+    kv = cfg.kv_heads or t.kv_heads
+    n_heads = cfg.n_heads or (t.n_heads // t.kv_heads * kv)
+    if n_heads % kv or n_heads // kv > t.n_heads // t.kv_heads:
+        raise ValueError(f"n_heads = {n_heads} with kv_heads = {kv}: each kv head can keep at most its "
+                         f"{t.n_heads // t.kv_heads} query heads and all the same number; use a multiple of {kv} "
+                         f"up to {t.n_heads // t.kv_heads * kv}")
+    base = replace(t, n_layer=cfg.n_layer or t.n_layer, hidden=cfg.hidden or t.hidden, n_heads=n_heads, kv_heads=kv)
+    if cfg.target_params is None:
+        return replace(base, ffn_dim=kept_width(t.ffn_dim, cfg))
+    budget = parse_params(cfg.target_params)
+    if budget >= param_count(t, hf):
+        raise ValueError(f"target_params = {cfg.target_params!r} is not below the teacher's "
+                         f"{param_count(t, hf)} parameters; use a smaller budget")
+    return budget_shape(base, t, hf, budget, cfg.step, fixed_hidden=cfg.hidden is not None)
 
 
-def _slice_linear(linear, keep, dim: int) -> None:
-    """Keep the `keep` indices of a Linear's weight along `dim` (0: output rows, 1: input columns), in place."""
-    import torch
-
-    keep = keep.to(linear.weight.device)
-    linear.weight = torch.nn.Parameter(linear.weight.data.index_select(dim, keep).clone())
-    if dim == 0 and linear.bias is not None:
-        linear.bias = torch.nn.Parameter(linear.bias.data[keep].clone())
-    if dim == 0:
-        linear.out_features = len(keep)
-    else:
-        linear.in_features = len(keep)
-
-
-def prune_mlp(model, keep: list) -> None:
-    """Slice every layer's MLP to the kept channels (gate/up rows, down columns) and set intermediate_size.
-
-    `keep` holds one index tensor per layer, all of the same length: llama.cpp needs uniform layers.
-    """
-    widths = {len(k) for k in keep}
-    if len(widths) != 1 or len(keep) != len(model.model.layers):
-        raise ValueError(f"need one index tensor per layer ({len(model.model.layers)}), all of one width; "
-                         f"got {len(keep)} with widths {sorted(widths)}")
-    for layer, k in zip(model.model.layers, keep):
-        _slice_linear(layer.mlp.gate_proj, k, 0)
-        _slice_linear(layer.mlp.up_proj, k, 0)
-        _slice_linear(layer.mlp.down_proj, k, 1)
-        layer.mlp.intermediate_size = len(k)
-    model.config.intermediate_size = widths.pop()
+def prune_structure(model, blocks, shape: Shape, cfg: PruneConfig) -> None:
+    """Prune `model` in place to `shape`: layers first, then heads, hidden width, MLP channels, each scored with
+    `cfg.method` on the model as it is after the previous step. A step with nothing to remove is skipped."""
+    c = model.config
+    if shape.n_layer < c.num_hidden_layers:
+        influence = get_scorer(cfg.method, "layers")(model, blocks, cfg.seed)  # (n_layer,)
+        drop = influence.topk(c.num_hidden_layers - shape.n_layer, largest=False).indices.tolist()
+        log.info("prune: dropping layers %s (lowest %s importance)", sorted(drop), cfg.method)
+        drop_layers(model, drop)
+    if (shape.n_heads, shape.kv_heads) != (c.num_attention_heads, c.num_key_value_heads):
+        scores = get_scorer(cfg.method, "heads")(model, blocks, cfg.seed)
+        prune_heads(model, [select_heads(s, c.num_key_value_heads, shape.n_heads, shape.kv_heads) for s in scores])
+    if shape.hidden < c.hidden_size:
+        scores = get_scorer(cfg.method, "hidden")(model, blocks, cfg.seed)  # (hidden,)
+        prune_hidden(model, scores.topk(shape.hidden).indices.sort().values)
+    if shape.ffn_dim < c.intermediate_size:
+        scores = get_scorer(cfg.method)(model, blocks, cfg.seed)
+        prune_mlp(model, select_channels(scores, shape.ffn_dim))
 
 
-def prune(model, blocks, cfg: PruneConfig) -> int:
-    """Score channels with `cfg.method` on calibration `blocks` (N, T) and prune `model` in place; the new width."""
-    width = kept_width(model.config.intermediate_size, cfg)
-    scores = get_scorer(cfg.method)(model, blocks[: cfg.calib_blocks], cfg.seed)
-    prune_mlp(model, select_channels(scores, width))
-    return width
+def prune(model, blocks, cfg: PruneConfig) -> Shape:
+    """Prune `model` in place to the target shape of `cfg` using calibration `blocks` (N, T), then apply the
+    configured sparsity; returns the shape."""
+    blocks = blocks[: cfg.calib_blocks]
+    shape = target_shape(model.config.to_dict(), cfg)
+    prune_structure(model, blocks, shape, cfg)
+    if cfg.sparsity or cfg.nm:
+        sparsify(model, blocks, cfg.sparsity_method, cfg.sparsity, cfg.nm)
+    return shape
 
 
 def run(inputs: list[Artifact], cfg: PruneConfig, out: Path) -> Artifact:
-    """Prune the teacher's MLPs to a uniform width and save a standard HF folder."""
+    """Prune the teacher to a uniform shape (and optional sparsity) and save a standard HF folder."""
     import torch
 
     from pistill.data import load_blocks
@@ -109,18 +156,21 @@ def run(inputs: list[Artifact], cfg: PruneConfig, out: Path) -> Artifact:
     folder = teacher.model_path()
     hf_cfg = read_config(folder)
     check_architecture(hf_cfg, str(folder))
-    width = kept_width(hf_cfg["intermediate_size"], cfg)  # fails before any weight is loaded
+    t, shape = teacher_shape(hf_cfg), target_shape(hf_cfg, cfg)  # fails before any weight is loaded
     with ArtifactWriter(out, "prune", cfg, inputs) as w:  # the whole run inside, so wall_s counts it
         model = load_model(folder)  # float32: exact statistics and slicing
         before = count_params(model)
         prune(model, load_blocks(data, "calib"), cfg)
-        log.info("prune: %s importance, ffn_dim %d -> %d in each of %d layers, params %d -> %d", cfg.method,
-                 hf_cfg["intermediate_size"], width, model.config.num_hidden_layers, before, count_params(model))
+        log.info("prune: %s importance, %s -> %s, params %d -> %d", cfg.method, t, shape, before, count_params(model))
         model.to(getattr(torch, hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"))
         save_model(model, folder, w.dir)
         w.model = {"format": "hf", "file": "."}
-        w.metrics.update(params=count_params(model), bytes=weight_bytes(w.dir), ffn_dim=width,
-                         teacher_ffn_dim=hf_cfg["intermediate_size"], n_layer=model.config.num_hidden_layers)
+        w.metrics.update(params=count_params(model), bytes=weight_bytes(w.dir), ffn_dim=shape.ffn_dim,
+                         teacher_ffn_dim=t.ffn_dim, n_layer=shape.n_layer, hidden=shape.hidden,
+                         n_heads=shape.n_heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                         structured=shape != t, sparsity=zero_fraction(model))
+        if cfg.sparsity or cfg.nm:  # say plainly what zeros buy on a Pi
+            w.extra["sparsity_note"] = ("unstructured/N:M zeros are stored dense: same file size and Pi speed "
+                                        "as the dense model; compare quality only")
         w.metrics.update(evaluate_torch(model.float(), data))
     return w.artifact
-

@@ -1,4 +1,4 @@
-"""pistill.compress.importance and pistill.compress.prune: scores, channel selection, slicing, the stage."""
+"""pistill.compress.importance, prune, structured, shapes, sparsity: scores, selection, slicing, budgets, the stage."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import torch
 from pistill.artifact import Artifact, config_dict
 from pistill.compress.importance import (SCORERS, ActivationStats, channel_l2, channel_mean_abs, magnitude_score,
                                          random_score)
-from pistill.compress.prune import PruneConfig, kept_width, prune, prune_mlp, select_channels
+from pistill.compress.prune import PruneConfig, kept_width, prune, prune_mlp, select_channels, target_shape
+from pistill.compress.shapes import param_count, parse_params, teacher_shape
+from pistill.compress.sparsity import nm_mask, row_mask, wanda_score, zero_fraction
+from pistill.compress.structured import select_heads
 
 torch.set_num_threads(1)
 
@@ -129,7 +132,7 @@ def test_zeroed_channel_ranks_last(tiny_model, method):
 def test_pruning_nothing_keeps_function(tiny_model):
     model, x = load(tiny_model), calib()
     want = logits(model, x)
-    assert prune(model, x, PruneConfig(ffn_ratio=1.0)) == 128
+    assert prune(model, x, PruneConfig(ffn_ratio=1.0)).ffn_dim == 128
     assert torch.equal(logits(model, x), want)
 
 
@@ -191,3 +194,268 @@ def test_run_writes_a_standard_hf_artifact(tiny_teacher, tiny_data, tmp_path, ca
     assert {"ppl", "agreement", "kl", "n_tokens"} <= set(m) and np.isfinite(m["ppl"])
     assert load(art.model_path()).config.intermediate_size == 64
     assert dataclasses.asdict(PruneConfig(calib_blocks=2)).items() <= art.manifest["config"].items()
+
+
+# --- structured pruning: heads, layers, hidden, budgets -------------------------------------------------------------
+
+
+
+def make_arch(out, model_type: str, n_layer: int = 4, tie: bool = True, seed: int = 0):
+    """A tiny random llama / mistral / qwen2 folder (hidden 64, 4 query heads over 2 kv heads, ffn 128)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=n_layer, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def archs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archs")
+    return {t: make_arch(root / t, t, tie=t != "mistral") for t in ("llama", "mistral", "qwen2")}
+
+
+def hf_dict(model) -> dict:
+    return model.config.to_dict()
+
+
+@pytest.mark.parametrize("cfg", [
+    PruneConfig(n_heads=2, kv_heads=1, hidden=32, n_layer=3, kquant_friendly=False, sparsity=0.5),
+    PruneConfig(target_params="60M", kquant_friendly=True, nm="2:4", sparsity_method="magnitude"),
+    PruneConfig(target_params=70_000, ffn_ratio=1.0, method="random"),
+])
+def test_v2_config_round_trip(cfg):
+    d = config_dict(cfg)
+    assert d.pop("version") == PruneConfig.VERSION == 2
+    assert PruneConfig(**json.loads(json.dumps(d))) == cfg
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"n_heads": 3, "kv_heads": 2}, "n_heads = 3 is not a multiple of kv_heads = 2.*use 2"),
+    ({"hidden": 100}, "hidden = 100 is not a multiple of 32; use 96"),
+    ({"ffn_dim": 512, "kquant_friendly": True}, None),
+    ({"ffn_dim": 96, "kquant_friendly": True}, "ffn_dim = 96 is not a multiple of 256; use 256"),
+    ({"n_layer": 0}, "n_layer = 0 must be at least 1"),
+    ({"target_params": "lots"}, "target_params = 'lots' is not a parameter count"),
+    ({"target_params": "60M", "ffn_dim": 64}, "ffn_dim and target_params are both set"),
+    ({"sparsity": 1.0}, "sparsity = 1.0 must be in"),
+    ({"nm": "4:2"}, "needs 0 < N < M"),
+    ({"nm": "half"}, "not an N:M pattern"),
+    ({"nm": "2:4", "sparsity": 0.5}, "both set; use one"),
+    ({"sparsity_method": "sparsegpt"}, "supported: magnitude, wanda"),
+])
+def test_v2_config_rejects_bad_values(kwargs, words):
+    if words is None:
+        PruneConfig(**kwargs)
+        return
+    with pytest.raises(ValueError, match=words):
+        PruneConfig(**kwargs)
+
+
+@pytest.mark.parametrize("value, n", [(70_000, 70_000), ("60M", 60_000_000), ("1.5B", 1_500_000_000),
+                                      ("500k", 500_000)])
+def test_parse_params(value, n):
+    assert parse_params(value) == n
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"n_layer": 9}, "n_layer = 9 is more than the teacher's 4"),
+    ({"n_heads": 6, "kv_heads": 2}, "n_heads = 6 is more than the teacher's 4"),
+    ({"n_heads": 4, "kv_heads": 1}, "each kv head can keep at most its 2 query heads"),
+    ({"target_params": "1B"}, "is not below the teacher's"),
+    ({"target_params": 100, "multiple_of": 8}, "cannot be met within 2%"),
+])
+def test_impossible_targets_fail_before_loading(archs, kwargs, words):
+    from pistill.models import read_config
+
+    with pytest.raises(ValueError, match=words):
+        target_shape(read_config(archs["llama"]), PruneConfig(**kwargs))
+
+
+def test_select_heads_by_hand():
+    scores = torch.tensor([1.0, 2.0, 10.0, 0.0])  # query heads 0, 1 share kv head 0; 2, 3 share kv head 1
+    q, kv = select_heads(scores, 2, 2, 1)  # drop a whole group: group 1 sums to 10 > 3
+    assert q.tolist() == [2, 3] and kv.tolist() == [1]
+    q, kv = select_heads(scores, 2, 2, 2)  # one query head per group
+    assert q.tolist() == [1, 2] and kv.tolist() == [0, 1]
+
+
+CASES = [  # (PruneConfig kwargs, expected shape fields)
+    ({"ffn_ratio": 0.5}, {"ffn_dim": 64}),
+    ({"ffn_ratio": 1.0, "n_heads": 2, "kv_heads": 2}, {"n_heads": 2, "kv_heads": 2}),
+    ({"ffn_ratio": 1.0, "n_heads": 2, "kv_heads": 1}, {"n_heads": 2, "kv_heads": 1}),
+    ({"ffn_ratio": 1.0, "n_layer": 2}, {"n_layer": 2}),
+    ({"ffn_ratio": 1.0, "hidden": 32}, {"hidden": 32, "head_dim": 16}),
+    ({"n_layer": 3, "n_heads": 2, "kv_heads": 1, "hidden": 32, "ffn_ratio": 0.25}, {"ffn_dim": 32}),
+]
+
+
+ARCH_METHODS = [("llama", "magnitude"), ("llama", "random"), ("llama", "activation"), ("mistral", "activation"),
+                ("qwen2", "activation")]
+
+
+@pytest.mark.parametrize("arch, method", ARCH_METHODS)
+@pytest.mark.parametrize("kwargs, want", CASES)
+def test_every_pruned_model_loads_with_a_valid_layout(archs, tmp_path, arch, method, kwargs, want):
+    model = load(archs[arch])
+    shape = prune(model, calib(2, 16), PruneConfig(method=method, **kwargs))
+    assert all(getattr(shape, k) == v for k, v in want.items())
+    model.save_pretrained(tmp_path)
+    back = load(tmp_path)
+    c = back.config
+    assert teacher_shape(c.to_dict()) == shape
+    assert c.num_attention_heads % c.num_key_value_heads == 0 and shape.head_dim == 16
+    assert len(getattr(c, "layer_types", None) or [None] * c.num_hidden_layers) == c.num_hidden_layers
+    assert param_count(shape, hf_dict(back)) == count(back)
+    assert (back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()) == (arch != "mistral")
+    out = logits(back, calib(2, 16))
+    assert torch.isfinite(out).all() and torch.allclose(out, logits(model, calib(2, 16)), atol=1e-5)
+
+
+def count(model) -> int:
+    from pistill.models import count_params
+    return count_params(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_removing_nothing_keeps_logits_identical(archs, arch):
+    model, x = load(archs[arch]), calib()
+    want = logits(model, x)
+    prune(model, x, PruneConfig(ffn_ratio=1.0, n_layer=4, n_heads=4, kv_heads=2, hidden=64))
+    assert torch.equal(logits(model, x), want)
+
+
+def test_dead_heads_are_pruned_first_and_keep_function(archs):
+    model, x = load(archs["qwen2"]), calib()
+    for layer in model.model.layers:  # query heads 1 (kv group 0) and 3 (kv group 1) write nothing
+        layer.self_attn.o_proj.weight.data[:, 16:32] = 0.0
+        layer.self_attn.o_proj.weight.data[:, 48:64] = 0.0
+    want = logits(model, x)
+    prune(model, x, PruneConfig(method="magnitude", ffn_ratio=1.0, n_heads=2))
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 2
+    assert torch.allclose(logits(model, x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dead_kv_group_is_pruned_first_by_activation(archs, arch):
+    model, x = load(archs[arch]), calib()
+    for layer in model.model.layers:  # kv head 1 carries nothing: query heads 2, 3 output zeros before o_proj
+        layer.self_attn.v_proj.weight.data[16:32] = 0.0
+        if layer.self_attn.v_proj.bias is not None:
+            layer.self_attn.v_proj.bias.data[16:32] = 0.0
+    want = logits(model, x)
+    prune(model, x, PruneConfig(ffn_ratio=1.0, n_heads=2, kv_heads=1))
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 1, 16)
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
+    assert torch.allclose(logits(model, x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["activation", "magnitude"])
+def test_identity_block_is_dropped_first(archs, method):
+    model, x = load(archs["qwen2"]), calib()
+    dead = model.model.layers[2]
+    dead.self_attn.o_proj.weight.data.zero_()
+    dead.mlp.down_proj.weight.data.zero_()  # block 2 now returns its input: Block Influence 0
+    keep = [model.model.layers[i] for i in (0, 1, 3)]
+    want = logits(model, x)
+    prune(model, x, PruneConfig(method=method, ffn_ratio=1.0, n_layer=3))
+    assert list(model.model.layers) == keep and [m.self_attn.layer_idx for m in keep] == [0, 1, 2]
+    assert model.config.num_hidden_layers == 3 and len(model.config.layer_types) == 3
+    assert torch.allclose(logits(model, x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, budget", [("llama", 60_000), ("llama", "45K"), ("qwen2", 70_000), ("mistral", 90_000)])
+def test_budget_is_met_within_two_percent(archs, tmp_path, arch, budget):
+    model = load(archs[arch])
+    shape = prune(model, calib(2, 16), PruneConfig(target_params=budget, multiple_of=8))
+    model.save_pretrained(tmp_path)
+    n = count(load(tmp_path))
+    assert abs(n - parse_params(budget)) <= 0.02 * parse_params(budget)
+    assert shape.hidden % 8 == 0 and shape.ffn_dim % 8 == 0
+
+
+def test_budget_keeps_width_ratios_together():
+    hf = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+          "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True, "model_type": "llama"}
+    t = teacher_shape(hf)
+    s = target_shape(hf, PruneConfig(target_params="60M"))
+    assert abs(param_count(s, hf) - 60e6) <= 0.02 * 60e6
+    assert s.hidden % 32 == 0 and s.ffn_dim % 32 == 0 and s.n_layer == 30 and s.head_dim == 64
+    assert s.ffn_dim / t.ffn_dim >= s.hidden / t.hidden > 0.4
+    k = target_shape(hf, PruneConfig(target_params="96M", kquant_friendly=True))
+    assert (k.hidden, k.ffn_dim) == (512, 1024)  # multiples of 256 (K-quant super-blocks)
+    with pytest.raises(ValueError, match="cannot be met within 2% with widths in multiples of 256"):
+        target_shape(hf, PruneConfig(target_params="110M", kquant_friendly=True))
+
+
+# --- unstructured and N:M sparsity ---------------------------------------------------------------------------------
+
+def test_wanda_and_masks_by_hand():
+    w = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    x_norm = torch.tensor([4.0, 1.0, 0.1, 1.0])
+    assert torch.allclose(wanda_score(w, x_norm), torch.tensor([[4.0, 2.0, 0.3, 0.5]]))
+    assert row_mask(wanda_score(w, x_norm), 0.5).tolist() == [[True, True, False, False]]  # |W| alone keeps 1, 2
+    assert row_mask(w.abs(), 0.5).tolist() == [[False, True, True, False]]
+    assert nm_mask(torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0, 1.0, 2.0, 3.0]]), 2, 4).tolist() == \
+        [[False, True, True, False, False, False, True, True]]
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.25])
+def test_unstructured_sparsity_is_exact_per_row(tiny_model, method, sparsity):
+    from pistill.compress.sparsity import decoder_linears
+
+    model = load(tiny_model)
+    prune(model, calib(), PruneConfig(ffn_ratio=1.0, sparsity=sparsity, sparsity_method=method))
+    for lin in decoder_linears(model):
+        zeros = (lin.weight == 0).sum(dim=1)
+        assert (zeros == round(sparsity * lin.weight.shape[1])).all()
+    assert zero_fraction(model) == pytest.approx(sparsity, abs=1e-3)
+    assert torch.isfinite(logits(model, calib())).all()
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_two_four_pattern_holds(tiny_model, method):
+    from pistill.compress.sparsity import decoder_linears
+
+    model = load(tiny_model)
+    prune(model, calib(), PruneConfig(ffn_ratio=1.0, nm="2:4", sparsity_method=method))
+    for lin in decoder_linears(model):
+        groups = lin.weight.reshape(lin.weight.shape[0], -1, 4)
+        assert ((groups == 0).sum(dim=-1) == 2).all()
+    assert zero_fraction(model) == 0.5
+
+
+def test_sparse_run_is_labelled_honestly(tiny_teacher, tiny_data, tmp_path):
+    from pistill.compress.prune import run
+
+    art = run([tiny_teacher, tiny_data], PruneConfig(ffn_ratio=1.0, nm="2:4", calib_blocks=2), tmp_path / "p")
+    m = art.metrics
+    assert m["structured"] is False and m["sparsity"] == 0.5 and m["params"] == tiny_teacher.metrics["params"]
+    assert "same file size" in art.manifest["sparsity_note"]
+    assert load(art.model_path()).config.intermediate_size == 128
+
+
+# --- on the real default teacher ------------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_activation_beats_random_at_equal_params_on_the_real_teacher(tmp_path):
+    """At the same shape (half the MLP channels), activation importance keeps held-out perplexity lower."""
+    from pistill.data import DataConfig, load_blocks
+    from pistill.evaluate import evaluate_torch
+    from pistill.models import TeacherConfig, count_params, load_model
+    from pistill.pipeline import run_stage, stage
+
+    teacher, _ = run_stage(stage("teacher"), [], TeacherConfig(), tmp_path / "teacher", force=False)
+    cfg = DataConfig(generate=0, block_size=128, calib_blocks=4, train_blocks=1, heldout_blocks=4, topk=8)
+    data, _ = run_stage(stage("data"), [teacher], cfg, tmp_path / "data", force=False)
+    result = {}
+    for method in ("activation", "random"):
+        model = load_model(teacher.model_path())
+        prune(model, load_blocks(data, "calib"), PruneConfig(method=method, ffn_ratio=0.5, calib_blocks=4))
+        result[method] = (count_params(model), evaluate_torch(model, data)["ppl"])
+    assert result["activation"][0] == result["random"][0]
+    assert result["activation"][1] < result["random"][1], result
