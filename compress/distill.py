@@ -40,6 +40,53 @@ def forward_kl(student_logits, teacher_logits, temperature: float = 1.0):
     return kl.mean() * temperature**2
 
 
+def reverse_kl(student_logits, teacher_logits, temperature: float = 1.0):
+    """KL(p_student || p_teacher) of temperature-softened distributions, times T^2, mean over positions.
+
+    Mode-seeking: the student is not pushed to cover teacher modes it cannot represent. Gu et al. 2023, "MiniLLM"
+    (arXiv:2306.08543), Eq. 1; Agarwal et al. 2024, "On-Policy Distillation of Language Models" (GKD,
+    arXiv:2306.13649), Sec. 2. logits: (..., V) -> scalar.
+    """
+    import torch.nn.functional as F
+
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)  # sum q (log q - log p)
+    return kl.mean() * temperature**2
+
+
+def generalized_jsd(student_logits, teacher_logits, beta: float = 0.5, temperature: float = 1.0):
+    """Generalized Jensen-Shannon divergence JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), with the mixture
+    m = beta p + (1 - beta) q, p the teacher and q the student, times T^2, mean over positions.
+
+    Agarwal et al. 2024, GKD (arXiv:2306.13649), Sec. 3 (as trl's `generalized_jsd_loss`). JSD(beta) / beta tends
+    to KL(p || q) as beta -> 0 and JSD(beta) / (1 - beta) to KL(q || p) as beta -> 1, so the two ends are defined
+    as those limits: beta = 0 is `forward_kl`, beta = 1 is `reverse_kl`. logits: (..., V) -> scalar.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits, temperature)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits, temperature)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+    kl_pm = F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)  # KL(p || m)
+    kl_qm = F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)  # KL(q || m)
+    return (beta * kl_pm + (1 - beta) * kl_qm).mean() * temperature**2
+
+
+SOFT_LOSSES = {  # DistillConfig.loss -> fn(student_logits, teacher_logits, temperature, beta) -> scalar
+    "forward_kl": lambda s, t, temperature, beta: forward_kl(s, t, temperature),
+    "reverse_kl": lambda s, t, temperature, beta: reverse_kl(s, t, temperature),
+    "jsd": lambda s, t, temperature, beta: generalized_jsd(s, t, beta, temperature),
+}
+
+
 def hard_ce(logits, labels):
     """Cross-entropy with the true next tokens (Hinton et al. 2015's "hard targets"): (..., V), (...) -> scalar.
 
@@ -50,17 +97,22 @@ def hard_ce(logits, labels):
     return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
 
 
-def distill_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
-    """alpha * hard_ce + (1 - alpha) * forward_kl: Hinton et al. 2015's weighted average of the two objectives.
+def distill_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float,
+                 loss: str = "forward_kl", beta: float = 0.5, topk_ids=None):
+    """alpha * hard_ce + (1 - alpha) * soft loss (`SOFT_LOSSES[loss]`): Hinton et al. 2015's weighted average of the
+    two objectives.
 
     Minitron (Muralidharan et al. 2024, arXiv:2407.14679) finds the logit KL alone (alpha = 0) works best.
+    With `topk_ids` (..., K), `teacher_logits` are the teacher's top-K log-probs (..., K) and the soft loss compares
+    both models renormalised over those K tokens (the student's logits gathered there; log-probs work as logits).
     """
-    loss = 0.0
+    total = 0.0
     if alpha > 0:
-        loss = alpha * hard_ce(student_logits, labels)
+        total = alpha * hard_ce(student_logits, labels)
     if alpha < 1:
-        loss = loss + (1 - alpha) * forward_kl(student_logits, teacher_logits, temperature)
-    return loss
+        soft = student_logits if topk_ids is None else student_logits.gather(-1, topk_ids)  # (..., K)
+        total = total + (1 - alpha) * SOFT_LOSSES[loss](soft, teacher_logits, temperature, beta)
+    return total
 
 
 # --- config and schedule ------------------------------------------------------------------------------------------
@@ -69,7 +121,7 @@ def distill_loss(student_logits, teacher_logits, labels, alpha: float, temperatu
 class DistillConfig:
     """The distillation run: optimizer, schedule, loss, evaluation and checkpoints."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     steps: int = 40  # optimizer steps
     batch_size: int = 4  # blocks per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -80,6 +132,9 @@ class DistillConfig:
     clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     temperature: float = 1.0  # softmax temperature of the KL term
     alpha: float = 0.0  # weight of the hard-label CE; 1 - alpha weighs the KL (Minitron: KL alone)
+    loss: str = "forward_kl"  # soft loss: forward_kl (Hinton) | reverse_kl (MiniLLM) | jsd (GKD, see beta)
+    beta: float = 0.5  # jsd only: 0 is forward_kl, 1 is reverse_kl, between them the generalized JSD
+    teacher_topk: int = 0  # 0: live teacher logits; K: cache its top-K log-probs per block, loss over those K
     eval_every: int = 10  # held-out distillation loss every N steps; 0 turns it off
     eval_blocks: int = 4  # held-out blocks for that periodic evaluation
     ckpt_every: int = 10  # checkpoint every N steps (outside the artifact, for resuming); 0 turns it off
@@ -90,7 +145,7 @@ class DistillConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "threads"):
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "threads", "teacher_topk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0 (0 turns it off)")
         if not self.lr > 0:
@@ -99,6 +154,10 @@ class DistillConfig:
             raise ValueError(f"min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha = {self.alpha} must be in [0, 1]: the weight of the hard-label loss")
+        if self.loss not in SOFT_LOSSES:
+            raise ValueError(f"loss '{self.loss}' is not supported; supported: {', '.join(sorted(SOFT_LOSSES))}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta = {self.beta} must be in [0, 1]: 0 is forward_kl, 1 is reverse_kl")
         if not self.temperature > 0:
             raise ValueError(f"temperature = {self.temperature} must be positive; 1.0 is the plain distribution")
         if self.weight_decay < 0 or self.clip < 0:
@@ -196,30 +255,101 @@ def _autocast(device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def micro_loss(student, teacher, x, cfg: DistillConfig):
-    """The distillation loss of one micro-batch x (B, T): next-token positions 0..T-2 of both models."""
+def micro_loss(student, teacher, x, cfg: DistillConfig, topk: tuple | None = None):
+    """The distillation loss of one micro-batch x (B, T): next-token positions 0..T-2 of both models.
+
+    `topk`: the teacher's cached (ids, log-probs), each (B, T-1, K), used instead of running `teacher`.
+    """
     import torch
 
-    with torch.no_grad(), _autocast(x.device):
-        t_logits = teacher(input_ids=x, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+    ids, t_logits = topk if topk is not None else (None, None)
+    if topk is None:
+        with torch.no_grad(), _autocast(x.device):
+            t_logits = teacher(input_ids=x, use_cache=False).logits[:, :-1]  # (B, T-1, V)
     with _autocast(x.device):
         s_logits = student(input_ids=x, use_cache=False).logits[:, :-1]
-    return distill_loss(s_logits, t_logits, x[:, 1:], cfg.alpha, cfg.temperature)
+    return distill_loss(s_logits, t_logits, x[:, 1:], cfg.alpha, cfg.temperature, cfg.loss, cfg.beta, ids)
 
 
-def _train_step(student, teacher, blocks: np.ndarray, step: int, opt, sched, cfg: DistillConfig) -> dict:
-    """One optimizer step over cfg.grad_accum micro-batches; the mean loss and the gradient norm."""
+# --- top-k teacher cache ------------------------------------------------------------------------------------------
+
+def teacher_topk(teacher, blocks: np.ndarray, k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-k next-token log-probs at positions 0..T-2 of every block: ids (N, T-1, k) int32 and
+    log-probs (N, T-1, k) float32 (log-softmax over the full vocabulary, temperature 1)."""
     import torch
 
-    device, total = student.device, 0.0
+    ids, logp = [], []
+    for i in range(0, len(blocks), batch_size):
+        x = torch.as_tensor(blocks[i:i + batch_size].astype(np.int64), device=teacher.device)
+        with torch.no_grad(), _autocast(x.device):
+            lp = torch.log_softmax(teacher(input_ids=x, use_cache=False).logits[:, :-1].float(), dim=-1)
+        v, j = lp.topk(k, dim=-1)
+        ids.append(j.int().cpu().numpy()), logp.append(v.cpu().numpy())
+    return np.concatenate(ids), np.concatenate(logp)
+
+
+def load_topk_cache(work_dir: Path | None, teacher, blocks: np.ndarray, cfg: DistillConfig, key: str):
+    """The teacher's top-k cache for `blocks`: read from `work_dir` when written for the same `key`, else computed
+    once (the teacher runs once per training block) and saved there atomically. None when cfg.teacher_topk is 0."""
+    if not cfg.teacher_topk:
+        return None
+    k = min(cfg.teacher_topk, teacher.config.vocab_size)
+    path = None if work_dir is None else work_dir / f"teacher_top{k}.npz"
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            if str(z["key"]) == key and z["ids"].shape[0] == len(blocks):
+                return z["ids"], z["logp"]
+    ids, logp = teacher_topk(teacher, blocks, k, cfg.batch_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, ids=ids, logp=logp, key=np.array(key))
+        os.replace(tmp, path)
+    log.info("distill: the teacher's top-%d hold %.1f%% of its probability", k, 100 * np.exp(logp).sum(-1).mean())
+    return ids, logp
+
+
+def distributed():
+    """An `accelerate.Accelerator` when launched as several processes (`accelerate launch`, torchrun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import Accelerator
+
+    # reads the launcher's environment (rank, world); without cpu=True accelerate ignores CPU processes (gloo)
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _train_step(student, teacher, blocks: np.ndarray, step: int, opt, sched, cfg: DistillConfig,
+                dist=None, cache: tuple | None = None) -> dict:
+    """One optimizer step over cfg.grad_accum micro-batches; the mean loss and the gradient norm.
+
+    Under `dist` (DDP) `student` is the wrapped model: rank r takes global micro-batch (i * world + r), so the
+    ranks see disjoint blocks, and the gradients are all-reduced on the last micro-batch's backward.
+    `cache`: the teacher's top-k (ids, log-probs) of every block (`load_topk_cache`), used instead of the teacher.
+    """
+    import contextlib
+
+    import torch
+
+    world, rank = (dist.num_processes, dist.process_index) if dist else (1, 0)
+    params = list(student.parameters())
+    device, total = params[0].device, 0.0
     for micro in range(cfg.grad_accum):
-        idx = batch_indices(len(blocks), cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed)
+        index = (step * cfg.grad_accum + micro) * world + rank
+        idx = batch_indices(len(blocks), cfg.batch_size, index, cfg.seed)
         x = torch.as_tensor(blocks[idx].astype(np.int64), device=device)
-        loss = micro_loss(student, teacher, x, cfg) / cfg.grad_accum
-        loss.backward()
+        topk = None if cache is None else (torch.as_tensor(cache[0][idx].astype(np.int64), device=device),
+                                           torch.as_tensor(cache[1][idx], device=device))
+        last = micro == cfg.grad_accum - 1
+        with dist.no_sync(student) if dist and not last else contextlib.nullcontext():  # all-reduce once a step
+            loss = micro_loss(student, teacher, x, cfg, topk) / cfg.grad_accum
+            loss.backward()
         total += loss.item()
-    params = [p for p in student.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    if dist:
+        total = dist.reduce(torch.tensor(total, device=device), reduction="mean").item()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                          cfg.clip if cfg.clip > 0 else float("inf"))
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -249,16 +379,22 @@ def make_optimizer(student, cfg: DistillConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg=cfg))
 
 
-def _resume(work_dir: Path | None, student, opt, sched, key: str) -> tuple[Path | None, int, TrainLog]:
-    """The checkpoint path, the step to start from and the log, restoring a matching checkpoint in `work_dir`."""
+def _resume(work_dir: Path | None, student, opt, sched, key: str,
+            main: bool = True) -> tuple[Path | None, int, TrainLog]:
+    """The checkpoint path, the step to start from and the log, restoring a matching checkpoint in `work_dir`.
+
+    Every rank restores the same checkpoint; only the main process (`main`) writes the checkpoint and the log.
+    """
     if work_dir is None:
         return None, 0, TrainLog(None, 0)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        work_dir.mkdir(parents=True, exist_ok=True)
     start = load_checkpoint(work_dir / CHECKPOINT, student, opt, sched, key)
-    return work_dir / CHECKPOINT, start, TrainLog(work_dir / TRAIN_LOG, start)
+    return (work_dir / CHECKPOINT, start, TrainLog(work_dir / TRAIN_LOG, start)) if main else \
+        (None, start, TrainLog(None, start))
 
 
-def _progress():
+def _progress(show: bool = True):
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -266,7 +402,7 @@ def _progress():
     return Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=Console(stderr=True))  # stdout is for a command's output
+                    console=Console(stderr=True), disable=not show)  # stdout is for a command's output
 
 
 def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: DistillConfig,
@@ -274,29 +410,38 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
     """Distil `teacher` into `student` (in place) on `blocks` (N, T); summary of the run (`TrainLog.summary`).
 
     With `work_dir`, a checkpoint and the JSONL log live there, and a rerun with the same `key` resumes.
+    Launched as several processes (`distributed`), the student is wrapped in DDP: each step takes
+    batch_size x grad_accum blocks on every rank, and only the main process logs and checkpoints.
+    With cfg.teacher_topk, the teacher runs once per block up front and its top-k is cached in `work_dir`.
     """
     import torch
 
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dist = distributed()
+    main = dist is None or dist.is_main_process
     key = key or json.dumps(config_dict(cfg), sort_keys=True)
     opt, sched = make_optimizer(student, cfg)
-    ckpt, start, tlog = _resume(work_dir, student, opt, sched, key)
-    tokens = cfg.batch_size * cfg.grad_accum * blocks.shape[1]
+    ckpt, start, tlog = _resume(work_dir, student, opt, sched, key, main)
+    cache = load_topk_cache(work_dir if main else None, teacher, blocks, cfg, key)
+    model = dist.prepare_model(student) if dist else student  # DDP shares the student's parameters
+    tokens = cfg.batch_size * cfg.grad_accum * blocks.shape[1] * (dist.num_processes if dist else 1)
     student.train()
-    with _progress() as bar:
+    with _progress(show=main) as bar:
         task = bar.add_task("distill", total=cfg.steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start, cfg.steps):
             t0, lr = time.perf_counter(), sched.get_last_lr()[0]  # the lr this step uses
-            row = {"step": step + 1, **_train_step(student, teacher, blocks, step, opt, sched, cfg),
+            row = {"step": step + 1, **_train_step(model, teacher, blocks, step, opt, sched, cfg, dist, cache),
                    "lr": lr, "tokens": tokens, "step_s": time.perf_counter() - t0}
             tlog.add(row | {"tokens_per_s": tokens / row["step_s"]})
             bar.update(task, advance=1, loss=row["loss"], tps=tokens / row["step_s"])
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            if main and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 tlog.add({"step": step + 1, "eval_loss": evaluate_loss(student, teacher, heldout, cfg)})
             if ckpt is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
                 save_checkpoint(ckpt, student, opt, sched, step + 1, key)
+    if dist:
+        dist.wait_for_everyone()
     student.eval()
     return tlog.summary()
 
@@ -347,6 +492,9 @@ def run(inputs: list[Artifact], cfg: DistillConfig, out: Path) -> Artifact:
 
     from .quantize import load_teacher
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the distill stage writes its artifact from one process; to train on several, launch "
+                         "compress/distill_launch.py with accelerate launch or torchrun")
     teacher_a, student_a, data = inputs
     t_dir, s_dir = teacher_a.model_path(), student_a.model_path()
     s_cfg = read_config(s_dir)

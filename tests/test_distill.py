@@ -11,8 +11,9 @@ import torch
 
 from pistill.artifact import Artifact, config_dict
 from pistill.compress import distill
-from pistill.compress.distill import (CHECKPOINT, TRAIN_LOG, DistillConfig, batch_indices, check_tokenizers,
-                                      distill_loss, forward_kl, hard_ce, lr_factor, train)
+from pistill.compress.distill import (CHECKPOINT, SOFT_LOSSES, TRAIN_LOG, DistillConfig, batch_indices,
+                                      check_tokenizers, distill_loss, forward_kl, generalized_jsd, hard_ce, lr_factor,
+                                      reverse_kl, train)
 
 torch.set_num_threads(1)
 
@@ -65,6 +66,55 @@ def test_forward_kl_by_hand(temperature, want):
     assert forward_kl(student, teacher, temperature).item() == pytest.approx(want, rel=1e-5)
 
 
+# two positions over a 3-token vocabulary, as probabilities; logits are their logs
+P = np.array([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]])  # teacher
+Q = np.array([[1 / 3, 1 / 3, 1 / 3], [0.2, 0.2, 0.6]])  # student
+
+
+def kl_by_hand(a, b):
+    """Mean over positions of sum_v a_v log(a_v / b_v)."""
+    return float(np.mean([sum(x * math.log(x / y) for x, y in zip(ra, rb)) for ra, rb in zip(a, b)]))
+
+
+def jsd_by_hand(beta):
+    m = beta * P + (1 - beta) * Q
+    return beta * kl_by_hand(P, m) + (1 - beta) * kl_by_hand(Q, m)
+
+
+@pytest.mark.parametrize("fn, want", [
+    (lambda s, t: forward_kl(s, t), kl_by_hand(P, Q)),
+    (lambda s, t: reverse_kl(s, t), kl_by_hand(Q, P)),
+    (lambda s, t: generalized_jsd(s, t, 0.5), jsd_by_hand(0.5)),
+    (lambda s, t: generalized_jsd(s, t, 0.1), jsd_by_hand(0.1)),
+    (lambda s, t: generalized_jsd(s, t, 0.9), jsd_by_hand(0.9)),
+])
+def test_soft_losses_match_hand_computation(fn, want):
+    got = fn(torch.tensor(np.log(Q))[None], torch.tensor(np.log(P))[None])  # (1, 2, 3) logits
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_reverse_kl_and_jsd_scale_with_temperature_squared():
+    s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    assert reverse_kl(s, t, 2.0).item() == pytest.approx(4 * reverse_kl(s / 2, t / 2).item(), rel=1e-5)
+    assert generalized_jsd(s, t, 0.3, 2.0).item() == pytest.approx(4 * generalized_jsd(s / 2, t / 2, 0.3).item(),
+                                                                   rel=1e-5)
+
+
+def test_jsd_ends_are_the_two_kls_and_its_limits_agree():
+    s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    assert generalized_jsd(s, t, 0.0).item() == forward_kl(s, t).item()
+    assert generalized_jsd(s, t, 1.0).item() == reverse_kl(s, t).item()
+    eps = 1e-4  # JSD(beta) / beta -> KL(p || q) as beta -> 0; JSD(beta) / (1 - beta) -> KL(q || p) as beta -> 1
+    assert generalized_jsd(s, t, eps).item() / eps == pytest.approx(forward_kl(s, t).item(), rel=1e-3)
+    assert generalized_jsd(s, t, 1 - eps).item() / eps == pytest.approx(reverse_kl(s, t).item(), rel=1e-3)
+
+
+def test_soft_losses_of_identical_logits_are_zero():
+    x = torch.randn(2, 3, 7).double()
+    for name, fn in SOFT_LOSSES.items():
+        assert fn(x, x.clone(), 1.5, 0.5).item() == pytest.approx(0.0, abs=1e-6), name
+
+
 def test_hard_ce_by_hand_and_ignore_index():
     logits = torch.tensor([[[LN3, 0.0], [0.0, 0.0]]])  # (1, 2, 2)
     assert hard_ce(logits, torch.tensor([[0, -100]])).item() == pytest.approx(-math.log(0.75), rel=1e-6)
@@ -76,12 +126,15 @@ def test_distill_loss_blends(alpha):
     s, t, y = torch.randn(2, 4, 9), torch.randn(2, 4, 9), torch.randint(0, 9, (2, 4))
     want = alpha * hard_ce(s, y) + (1 - alpha) * forward_kl(s, t, 2.0)
     assert float(distill_loss(s, t, y, alpha, 2.0)) == pytest.approx(float(want), rel=1e-6)
+    want = alpha * hard_ce(s, y) + (1 - alpha) * generalized_jsd(s, t, 0.2, 2.0)
+    assert float(distill_loss(s, t, y, alpha, 2.0, "jsd", 0.2)) == pytest.approx(float(want), rel=1e-6)
 
 
 # --- config, schedule, data order ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [DistillConfig(), DistillConfig(steps=3, grad_accum=2, alpha=0.5, temperature=2.0,
-                                                                eval_every=0, ckpt_every=0, threads=1)])
+                                                                eval_every=0, ckpt_every=0, threads=1),
+                                 DistillConfig(loss="jsd", beta=0.1), DistillConfig(loss="reverse_kl", teacher_topk=64)])
 def test_config_round_trip(cfg):
     d = config_dict(cfg)
     assert d.pop("version") == DistillConfig.VERSION
@@ -92,6 +145,8 @@ def test_config_round_trip(cfg):
     ({"steps": 0}, "steps = 0"), ({"batch_size": 0}, "batch_size = 0"), ({"grad_accum": 0}, "grad_accum = 0"),
     ({"lr": 0.0}, "lr = 0.0"), ({"min_lr_ratio": 2.0}, "min_lr_ratio = 2.0"), ({"alpha": -0.1}, "alpha = -0.1"),
     ({"temperature": 0.0}, "temperature = 0.0"), ({"ckpt_every": -1}, "ckpt_every = -1"), ({"clip": -1.0}, "clip"),
+    ({"loss": "kl"}, "supported: forward_kl, jsd, reverse_kl"), ({"beta": 1.5}, "beta = 1.5"),
+    ({"teacher_topk": -1}, "teacher_topk = -1"),
 ])
 def test_config_rejects_bad_values(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -120,6 +175,40 @@ def test_distillation_reduces_loss(teacher, student_dir):
     assert summary["steps"] == 20 and summary["tokens_per_s"] > 0
     assert summary["loss_last"] < 0.9 * summary["loss_first"]
     assert np.isfinite(summary["eval_loss"])
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
+def test_distillation_with_other_losses_reduces_them(teacher, student_dir, loss):
+    cfg = DistillConfig(steps=12, lr=3e-3, warmup_steps=2, eval_every=0, loss=loss)
+    summary = train(load(student_dir), teacher, blocks(), blocks(2, seed=1), cfg)
+    assert summary["loss_last"] < summary["loss_first"]  # reverse KL to a sharp teacher falls slowly
+
+
+def test_topk_cache_with_k_equal_vocab_gives_the_live_loss(teacher, student_dir, tmp_path):
+    from pistill.compress.distill import load_topk_cache, micro_loss
+
+    data, student = blocks(4), load(student_dir)
+    cfg = DistillConfig(teacher_topk=10_000, loss="jsd", beta=0.3, alpha=0.2, temperature=2.0)  # k clipped to V
+    ids, logp = load_topk_cache(tmp_path, teacher, data, cfg, "key")
+    assert ids.shape == (4, 31, 512) and (tmp_path / "teacher_top512.npz").is_file()
+    x = torch.as_tensor(data.astype(np.int64))
+    with torch.no_grad():
+        live = micro_loss(student, teacher, x, cfg).item()
+        cached = micro_loss(student, None, x, cfg, (torch.as_tensor(ids).long(), torch.as_tensor(logp))).item()
+    assert cached == pytest.approx(live, rel=1e-4)
+
+
+def test_topk_cache_is_reused_for_the_same_key_and_trains(teacher, student_dir, tmp_path, monkeypatch):
+    from pistill.compress.distill import load_topk_cache
+
+    cfg = DistillConfig(steps=8, lr=3e-3, warmup_steps=1, eval_every=0, ckpt_every=0, teacher_topk=8)
+    summary = train(load(student_dir), teacher, blocks(), blocks(2, seed=1), cfg, tmp_path, "k1")
+    assert summary["loss_last"] < summary["loss_first"]
+    want = np.load(tmp_path / "teacher_top8.npz")["logp"]
+    monkeypatch.setattr(distill, "teacher_topk", lambda *a: pytest.fail("the teacher ran again"))
+    np.testing.assert_array_equal(load_topk_cache(tmp_path, teacher, blocks(), cfg, "k1")[1], want)
+    monkeypatch.undo()
+    assert load_topk_cache(tmp_path, teacher, blocks(), cfg, "k2")[1].shape == want.shape  # another key: rebuilt
 
 
 @pytest.mark.gpu
@@ -244,3 +333,69 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_teacher, tiny_data, tmp_pat
     rows = [json.loads(r) for r in (art.path / TRAIN_LOG).read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and art.metrics["steps"] == 4
     assert not distill.checkpoint_dir(out).exists()
+
+
+# --- several processes (DDP over gloo) ----------------------------------------------------------------------------
+
+def test_launch_arguments_default_to_a_run_folder(tmp_path):
+    from pistill.compress.distill_launch import parse_args
+
+    args = parse_args(["--run", str(tmp_path), "--student", "elsewhere"])
+    assert (args.teacher, args.data, args.out) == (tmp_path / "quantize", tmp_path / "data", tmp_path / "distill-ddp")
+    assert str(args.student) == "elsewhere"
+    with pytest.raises(SystemExit):
+        parse_args(["--teacher", "t"])
+
+
+def test_the_stage_refuses_to_run_as_several_processes(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="distill_launch.py"):
+        distill.run([], DistillConfig(), tmp_path / "distill")
+
+
+def test_two_cpu_processes_end_with_identical_weights(tiny_teacher, tiny_data, tmp_path):
+    """torchrun with two CPU processes (gloo) on the tiny model: both ranks hold the same weights at the end, and
+    they moved (the all-reduced gradients were applied)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pistill.compress.distill_launch import state_digest
+    from pistill.compress.prune import PruneConfig
+    from pistill.compress.prune import run as prune_run
+
+    pruned = prune_run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path / "prune")
+    script = Path(distill.__file__).with_name("distill_launch.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--teacher", str(tiny_teacher.path), "--student", str(pruned.path), "--data", str(tiny_data.path), "--steps", "3", "--out", str(tmp_path / "ddp"), "--hash-dir", str(tmp_path / "h")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hashes = {p.name: p.read_text() for p in (tmp_path / "h").iterdir()}
+    assert sorted(hashes) == ["rank0.sha256", "rank1.sha256"] and len(set(hashes.values())) == 1
+    assert hashes["rank0.sha256"].strip() != state_digest(load(pruned.model_path()))
+    assert state_digest(load(tmp_path / "ddp")) == hashes["rank0.sha256"].strip()
+    rows = [json.loads(r) for r in (tmp_path / "ddp" / TRAIN_LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert rows[0]["tokens"] == 2 * DistillConfig().batch_size * 64  # two ranks' blocks per step
+
+
+# --- bench/distill.py --throughput --------------------------------------------------------------------------------
+
+def test_bench_throughput_mode_runs_at_tiny_size(tiny_model, tmp_path):
+    """The mode that would give GPU figures for a 1.7B / 360M pair, here on two tiny random configs on the CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "distill.py"
+    spec = importlib.util.spec_from_file_location("bench_distill", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    student_cfg = json.loads((tiny_model / "config.json").read_text()) | {"intermediate_size": 64}
+    (tmp_path / "student.json").write_text(json.dumps(student_cfg))
+    out = module.main(["--throughput", "--teacher-config", str(tiny_model / "config.json"), "--student-config",
+                       str(tmp_path / "student.json"), "--steps", "2", "--batch-size", "2", "--block-size", "16",
+                       "--peak-tflops", "1.0"])
+    assert out["tokens_per_s"] > 0 and out["student_params"] < out["teacher_params"]
+    assert out["mfu"] == pytest.approx(out["model_tflops"])

@@ -1,0 +1,103 @@
+"""The distill stage's training on several processes: `accelerate launch` (DDP) or torchrun, CPUs or GPUs.
+
+    accelerate launch --num_processes 8 compress/distill_launch.py --run RUN_DIR [--recipe R.toml] [--steps N]
+    torchrun --standalone --nproc_per_node 2 compress/distill_launch.py --teacher DIR --student DIR --data DIR
+
+(`accelerate launch --cpu` starts several CPU processes only through MPI; torchrun does it with gloo.)
+
+The teacher, the student and the data are the `quantize`, `prune` and `data` artifacts of RUN_DIR (or given one
+by one). Every rank holds the student and the teacher, takes its own blocks and all-reduces the gradients (DDP), so
+a step consumes batch_size x grad_accum x processes blocks. The main process checkpoints (resumable, like the
+stage), logs, and saves the student as an HF folder in --out (default RUN_DIR/distill-ddp) with train_log.jsonl.
+`--hash-dir DIR`: each rank writes the sha256 of its final weights to DIR/rank<r>.sha256 (they must agree).
+A teacher too large for one GPU needs FSDP instead (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("pistill.compress.distill_launch")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, help="a run folder holding quantize/, prune/ and data/ artifacts")
+    p.add_argument("--teacher", type=Path, help="teacher artifact (default RUN/quantize)")
+    p.add_argument("--student", type=Path, help="student artifact (default RUN/prune)")
+    p.add_argument("--data", type=Path, help="data artifact (default RUN/data)")
+    p.add_argument("--recipe", type=Path, help="take [distill] from this recipe (built-in defaults otherwise)")
+    p.add_argument("--steps", type=int, help="override [distill] steps")
+    p.add_argument("--out", type=Path, help="where the student goes (default RUN/distill-ddp)")
+    p.add_argument("--hash-dir", type=Path, help="each rank writes the sha256 of its final weights here")
+    args = p.parse_args(argv)
+    for name, stage in (("teacher", "quantize"), ("student", "prune"), ("data", "data"), ("out", "distill-ddp")):
+        if getattr(args, name) is None:
+            if args.run is None:
+                p.error(f"--{name} is needed without --run")
+            setattr(args, name, args.run / stage)
+    return args
+
+
+def state_digest(model) -> str:
+    """sha256 of a model's state_dict, tensors in name order (any dtype: the raw bytes)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def config(args: argparse.Namespace):
+    from pistill.compress.distill import DistillConfig
+    from pistill.recipe import load
+
+    cfg = load(args.recipe).configs["distill"] if args.recipe else DistillConfig()
+    return dataclasses.replace(cfg, steps=args.steps) if args.steps else cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pistill.artifact import Artifact, input_key
+    from pistill.compress import distill
+    from pistill.compress.quantize import load_teacher
+    from pistill.models import read_config, save_model
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args, dist = parse_args(argv), distill.distributed()
+    cfg, world = config(args), dist.num_processes if dist else 1
+    inputs = [Artifact.load(args.teacher), Artifact.load(args.student), Artifact.load(args.data)]
+    t_dir, s_dir = inputs[0].model_path(), inputs[1].model_path()
+    distill.check_tokenizers(t_dir, s_dir)
+    blocks, heldout = distill.training_blocks(inputs[2], read_config(s_dir)["vocab_size"])
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    teacher = load_teacher(t_dir, device)
+    student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32).to(device)
+    key = f"{input_key('distill', cfg, inputs)}:world={world}"  # another world size sees other blocks
+    work = distill.checkpoint_dir(args.out)
+    summary = distill.train(student, teacher, blocks, heldout, cfg, work, key)
+    if args.hash_dir:
+        rank = dist.process_index if dist else 0
+        args.hash_dir.mkdir(parents=True, exist_ok=True)
+        (args.hash_dir / f"rank{rank}.sha256").write_text(state_digest(student) + "\n")
+    if dist is None or dist.is_main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_model(student, s_dir, args.out)
+        shutil.copy2(work / distill.TRAIN_LOG, args.out / distill.TRAIN_LOG)
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("%d processes, %d steps, loss %.4f -> %.4f, %.0f tok/s; student in %s", world, summary["steps"],
+                 summary["loss_first"], summary["loss_last"], summary["tokens_per_s"], args.out)
+
+
+if __name__ == "__main__":
+    main()
