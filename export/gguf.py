@@ -17,6 +17,9 @@ import numpy as np
 
 from pistill.artifact import Artifact, ArtifactWriter
 
+from .imatrix import LlamaImatrix
+from .verify import check_uniform_layers
+
 log = logging.getLogger(__name__)
 
 OUTTYPES = {"f32": 0, "f16": 1}  # outtype -> llama_ftype (ALL_F32, MOSTLY_F16)
@@ -55,14 +58,18 @@ PRE_TOKENIZERS: dict[tuple, str] = {  # tokenizer.json pre_tokenizer signature -
 
 @dataclass(frozen=True)
 class GGUFConfig:
-    """What GGUF files to write."""
+    """What GGUF files to write, and how they are checked against the torch student."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     outtype: str = "f16"  # "f16" or "f32": the unquantized file that llama.cpp quantizes from
     quants: tuple[str, ...] = ("Q4_0",)  # llama.cpp quant types; the first is the artifact's model (none: outtype)
     threads: int = 0  # quantization and evaluation threads; 0 = every core
     keep_unquantized: bool = True  # keep model-<outtype>.gguf in the artifact beside the quantized files
     evaluate: str = "model"  # held-out metrics for "model" (the artifact's model file), "all" files, or "none"
+    verify: bool = True  # tokenizer, logit and greedy parity with torch; fails the stage if outtype misses them
+    gen_tokens: int = 16  # greedy tokens per prompt compared with torch when verifying
+    imatrix: bool = True  # weight quantization error by calibration activations (llama.cpp importance matrix)
+    num_ctx: int = 2048  # Modelfile PARAMETER num_ctx for ollama (capped at the model's context length)
 
     def __post_init__(self):
         object.__setattr__(self, "quants", tuple(self.quants))  # TOML gives a list
@@ -78,6 +85,9 @@ class GGUFConfig:
             raise ValueError(f"evaluate = '{self.evaluate}' is unknown; use one of {', '.join(EVALUATE)}")
         if not self.quants and not self.keep_unquantized:
             raise ValueError("quants is empty and keep_unquantized = false: nothing to keep; set one of them")
+        for name in ("gen_tokens", "num_ctx"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
 
 
 def check_quant(quant: str) -> int:
@@ -110,6 +120,7 @@ def check_folder(folder: Path) -> tuple[dict, Arch]:
         raise ValueError(f"{folder} has no *.safetensors weights; save the model with save_pretrained()")
     check_tokenizer(folder / "tokenizer.json")
     rope_type(config)
+    check_uniform_layers(folder, config)
     return config, ARCHITECTURES[model_type]
 
 
@@ -370,7 +381,7 @@ def narrow_rows(path: Path, block: int = QK_K) -> int:
     return sum(1 for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1 and int(t.shape[0]) % block)
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, imatrix: LlamaImatrix | None = None) -> Path:
     """Quantize a GGUF with llama.cpp (`llama_model_quantize`), through `<dst>.tmp` renamed when complete."""
     import ctypes
 
@@ -379,6 +390,8 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = check_quant(quant)
     params.nthread = threads or os.cpu_count() or 1
+    if imatrix is not None:
+        imatrix.apply(params)
     if "_K" in quant and (n := narrow_rows(src)):
         log.warning("%s: %d tensors have rows not a multiple of %d; llama.cpp quantizes them with a fallback type",
                     quant, n, QK_K)
@@ -427,25 +440,137 @@ def gguf_stats(path: Path) -> dict:
 
 # --- stage --------------------------------------------------------------------------------------------------------
 
-def run(inputs: list[Artifact], cfg: GGUFConfig, out: Path) -> Artifact:
-    """Write the student as `model-<outtype>.gguf`, quantize it to each of `cfg.quants`, and score the files."""
+def importance(reference, data: Artifact, names: dict[str, str]) -> LlamaImatrix:
+    """The torch student's importance matrix on the data artifact's calibration blocks."""
+    from pistill.data import load_blocks
+
+    from .imatrix import collect
+
+    calib = load_blocks(data, "calib")
+    imatrix = collect(reference.model, calib, names)
+    log.info("importance matrix: %d tensors from %d calibration blocks", len(imatrix), len(calib))
+    return LlamaImatrix(imatrix, len(calib), f"pistill calib {data.id[:12]}")
+
+
+def llama_runtime(path: Path, threads: int, n_ctx: int, f32_cache: bool = False):
+    """A `LlamaCppRuntime`; with `f32_cache`, keys and values are cached in F32 instead of llama.cpp's F16, so an F32
+    file computes in F32 throughout."""
+    import llama_cpp
+
+    from pistill.device.runtimes import LlamaCppRuntime
+
+    rt = LlamaCppRuntime(str(path), threads, n_ctx)
+    if f32_cache:
+        rt.llm.close()
+        rt.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), n_batch=512,
+                                 logits_all=True, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                                 type_v=llama_cpp.GGML_TYPE_F32)
+    return rt
+
+
+def score_files(files: list[Path], data: Artifact, threads: int, reference=None,
+                f32_cache: bool = False) -> dict[str, dict]:
+    """Held-out metrics per file name against the teacher; with a torch `reference`, also `vs_student`."""
+    from pistill.data import load_blocks
     from pistill.evaluate import evaluate_path
+
+    from .verify import score
+
+    if reference is None:
+        return {f.name: evaluate_path(f, "gguf", data, threads) for f in files}
+    n_ctx = max(int(load_blocks(data, "heldout").shape[1]), 512)
+    runtimes = {}
+    try:
+        for f in files:
+            runtimes[f.name] = llama_runtime(f, threads, n_ctx, f32_cache)
+        return score(reference, runtimes, data)
+    finally:
+        for rt in runtimes.values():
+            rt.close()
+
+
+def greedy_parity(path: Path, folder: Path, reference, cfg: GGUFConfig, f32_cache: bool = False) -> dict:
+    from .verify import generation_parity, prompt_ids
+
+    rt = llama_runtime(path, cfg.threads, 512, f32_cache)
+    try:
+        return generation_parity(reference, rt, prompt_ids(folder), cfg.gen_tokens)
+    finally:
+        rt.close()
+
+
+def verify_unquantized(base: Path, folder: Path, reference, data: Artifact, parity: dict, cfg: GGUFConfig) -> dict:
+    """Tokenizer, logit and greedy parity of the unquantized file with torch. When an F16 file misses the gate, an F32
+    export decides: F16 rounding can be too coarse for a model with extreme activations (a heavily pruned, barely
+    distilled one), but an F32 file that misses too means the exporter is broken (VerificationError)."""
+    from .verify import VerificationError, check_unquantized, gguf_tokenizer_parity, unquantized_metrics
+
+    gen = greedy_parity(base, folder, reference, cfg)
+    metrics = {"tokenizer_parity": gguf_tokenizer_parity(base, folder), **unquantized_metrics(parity, gen),
+               "verified_with": base.name}
+    try:
+        check_unquantized(base.name, parity, gen)
+    except VerificationError as err:
+        if cfg.outtype != "f16":
+            raise
+        log.warning("%s misses the parity gate (%s); an F32 export decides whether the exporter is broken",
+                    base.name, "; ".join(err.problems))
+        metrics["f32_check"] = check_f32(folder, reference, data, cfg)
+        metrics["verified_with"] = "f32"
+    return metrics
+
+
+def check_f32(folder: Path, reference, data: Artifact, cfg: GGUFConfig) -> dict:
+    """Parity figures of a throwaway F32 export of `folder`, run with an F32 KV cache; VerificationError if it
+    misses the gate."""
+    from .verify import check_unquantized, unquantized_metrics
+
+    with tempfile.TemporaryDirectory(prefix="pistill-gguf-f32-") as tmp:
+        path = write_gguf(folder, Path(tmp) / "model-f32.gguf", "f32")
+        parity = score_files([path], data, cfg.threads, reference, f32_cache=True)[path.name]["vs_student"]
+        gen = greedy_parity(path, folder, reference, cfg, f32_cache=True)
+        check_unquantized(f"the F32 GGUF of {folder}", parity, gen)
+    log.warning("the F32 export matches torch: F16 loses precision on this model; prefer outtype = \"f32\"")
+    return unquantized_metrics(parity, gen)
+
+
+def describe(files: list[Path], model_file: Path, data: Artifact, cfg: GGUFConfig, reference) -> dict[str, dict]:
+    """File name -> size, bits per weight, tensor types, and held-out scores for the files `cfg` asks to score."""
+    detail = {f.name: gguf_stats(f) for f in files}
+    scored = files if cfg.verify or cfg.evaluate == "all" else [model_file] if cfg.evaluate == "model" else []
+    for name, scores in score_files(scored, data, cfg.threads, reference if cfg.verify else None).items():
+        detail[name].update(scores)
+    return detail
+
+
+def run(inputs: list[Artifact], cfg: GGUFConfig, out: Path) -> Artifact:
+    """Write the student as `model-<outtype>.gguf`, quantize it to each of `cfg.quants` (with an importance matrix),
+    score every file against the teacher and the torch student, fail if the unquantized file is off, and write
+    an ollama Modelfile."""
+    from .modelfile import for_folder
+    from .verify import TorchLM
 
     student, data = inputs[0], inputs[1]
     folder = student.model_path()
-    tensor_names(folder, check_folder(folder)[0])  # every check before anything is written
+    config = check_folder(folder)[0]
+    names = tensor_names(folder, config)  # every check before anything is written
     with ArtifactWriter(out, "gguf", cfg, inputs) as w:
         base = write_gguf(folder, w.dir / f"model-{cfg.outtype}.gguf", cfg.outtype)
-        files = [base] + [quantize_gguf(base, w.dir / f"model-{q}.gguf", q, cfg.threads) for q in cfg.quants]
+        use_imatrix = cfg.imatrix and any(q != "Q8_0" for q in cfg.quants)  # Q8_0 rounds without it
+        reference = TorchLM(folder) if cfg.verify or use_imatrix else None
+        imatrix = importance(reference, data, names) if use_imatrix else None
+        files = [base] + [quantize_gguf(base, w.dir / f"model-{q}.gguf", q, cfg.threads, imatrix)
+                          for q in cfg.quants]
         model_file = files[1] if cfg.quants else base
-        detail = {}
-        for f in files:
-            detail[f.name] = gguf_stats(f)
-            if cfg.evaluate == "all" or (cfg.evaluate == "model" and f == model_file):
-                detail[f.name].update(evaluate_path(f, "gguf", data, cfg.threads))
+        detail = describe(files, model_file, data, cfg, reference)
+        if cfg.verify:
+            w.metrics.update(verify_unquantized(base, folder, reference, data, detail[base.name]["vs_student"], cfg))
+        num_ctx = min(cfg.num_ctx, config["max_position_embeddings"])
+        (w.dir / "Modelfile").write_text(for_folder(folder, model_file.name, num_ctx))
         if not cfg.keep_unquantized and cfg.quants:
             base.unlink()
         w.model = {"format": "gguf", "file": model_file.name}
         w.metrics.update({k: v for k, v in detail[model_file.name].items() if k != "tensor_types"})
+        w.metrics["imatrix"] = {"tensors": len(imatrix.names), "chunks": imatrix.n_chunks} if imatrix else None
         w.extra["files_detail"] = detail
     return w.artifact

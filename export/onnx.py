@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
+
+from .verify import check_uniform_layers
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +33,13 @@ EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
 class ONNXConfig:
     """An ONNX decoder for onnxruntime on the CPU (the Pi's runtime when llama.cpp is not used)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     precision: str = "int4"  # int4: MatMulNBits weights, what ships; fp32: unquantized, for parity checks
     block_size: int = 32  # int4 weights per scale (16, 32, 64, 128, 256); smaller is more accurate and larger
     accuracy_level: int = 4  # MatMulNBits activations: 4 int8 (the Pi 5's dot-product path), 3 bf16, 2 fp16, 1 fp32
+    verify: bool = True  # tokenizer and logit parity with torch; fails the stage if the fp32 export misses them
+    verify_fp32: bool = True  # for int4, also build a throwaway fp32 export to prove the exporter (a few seconds)
+    gen_tokens: int = 16  # greedy tokens per prompt compared with torch (fp32 export) when verifying
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -44,6 +50,8 @@ class ONNXConfig:
         if self.accuracy_level not in ACCURACY_LEVELS:
             levels = ", ".join(f"{k} ({v})" for k, v in ACCURACY_LEVELS.items())
             raise ValueError(f"accuracy_level {self.accuracy_level} is not supported; use one of {levels}")
+        if self.gen_tokens < 1:
+            raise ValueError(f"gen_tokens = {self.gen_tokens} must be at least 1")
 
     def builder_options(self) -> list[str]:
         """The model builder's KEY=VALUE extra options."""
@@ -64,6 +72,12 @@ def check_source(hf_dir: Path) -> dict:
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "?")
         raise ValueError(f"{hf_dir} holds a {method}-quantized model; export an unquantized (distilled) folder")
+    if not (Path(hf_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"{hf_dir} has no tokenizer.json (the device tokenizes with it); save the fast tokenizer "
+                         "there (AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
+    if not sorted(Path(hf_dir).glob("*.safetensors")):
+        raise ValueError(f"{hf_dir} has no *.safetensors weights; save the model with save_pretrained()")
+    check_uniform_layers(hf_dir, config)
     return config
 
 
@@ -142,8 +156,50 @@ def model_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith((".onnx", ".onnx.data")))
 
 
+def score_exports(folders: dict[str, Path], data: Artifact, reference=None) -> dict[str, dict]:
+    """Held-out metrics per export name against the teacher; with a torch `reference`, also `vs_student`."""
+    from pistill.device.runtimes import OnnxRuntime
+    from pistill.evaluate import evaluate_path
+
+    from .verify import score
+
+    if reference is None:
+        return {name: evaluate_path(f, "onnx", data) for name, f in folders.items()}
+    return score(reference, {name: OnnxRuntime(str(f)) for name, f in folders.items()}, data)
+
+
+def verify_unquantized(fp32_dir: Path, hf_dir: Path, reference, parity: dict, cfg: ONNXConfig) -> dict:
+    """Greedy parity of an fp32 export with torch, and its logit parity checked; VerificationError if it is off."""
+    from pistill.device.runtimes import OnnxRuntime
+
+    from .verify import check_unquantized, generation_parity, prompt_ids, unquantized_metrics
+
+    gen = generation_parity(reference, OnnxRuntime(str(fp32_dir)), prompt_ids(hf_dir), cfg.gen_tokens)
+    check_unquantized(f"the fp32 ONNX export of {hf_dir}", parity, gen)
+    return unquantized_metrics(parity, gen)
+
+
+def verify(folder: Path, hf_dir: Path, data: Artifact, cfg: ONNXConfig) -> dict:
+    """Scores of the export (teacher and `vs_student`), tokenizer parity, and the fp32 checks (on the export itself,
+    or on a throwaway fp32 build when `cfg.verify_fp32`)."""
+    from .verify import TorchLM, onnx_tokenizer_parity
+
+    reference = TorchLM(hf_dir)
+    with tempfile.TemporaryDirectory(prefix="pistill-onnx-fp32-") as tmp:
+        folders = {"model": folder}
+        if cfg.precision == "int4" and cfg.verify_fp32:
+            folders["fp32"] = export(hf_dir, Path(tmp) / MODEL_DIR, dataclasses.replace(cfg, precision="fp32"))
+        scores = score_exports(folders, data, reference)
+        out = {**scores["model"], "tokenizer_parity": onnx_tokenizer_parity(folder, hf_dir)}
+        fp32 = "fp32" if "fp32" in folders else "model" if cfg.precision == "fp32" else None
+        if fp32:
+            out.update(verify_unquantized(folders[fp32], hf_dir, reference, scores[fp32]["vs_student"], cfg))
+    return out
+
+
 def run(inputs: list[Artifact], cfg: ONNXConfig, out: Path) -> Artifact:
-    """Export the student to ONNX and score it on the held-out blocks with onnxruntime."""
+    """Export the student to ONNX, score it on the held-out blocks with onnxruntime against the teacher and the
+    torch student, and fail if the unquantized (fp32) export does not reproduce torch."""
     from pistill.evaluate import evaluate_path
 
     student, data = inputs
@@ -154,9 +210,11 @@ def run(inputs: list[Artifact], cfg: ONNXConfig, out: Path) -> Artifact:
         t0 = time.time()
         folder = export(student.model_path(), w.dir / MODEL_DIR, cfg)
         w.model = {"format": "onnx", "file": MODEL_DIR}
-        w.metrics.update(params=student.metrics.get("params"), bytes=model_bytes(folder),
-                         export_s=round(time.time() - t0, 2))
-        w.metrics.update(evaluate_path(folder, "onnx", data))
+        params, size = student.metrics.get("params"), model_bytes(folder)
+        w.metrics.update(params=params, bytes=size, export_s=round(time.time() - t0, 2),
+                         bits_per_weight=8 * size / params if params else None)
+        w.metrics.update(verify(folder, student.model_path(), data, cfg) if cfg.verify
+                         else evaluate_path(folder, "onnx", data))
         log.info("onnx %s: %.1f MB, ppl %.2f, agreement %.3f", cfg.precision, w.metrics["bytes"] / 1e6,
                  w.metrics["ppl"], w.metrics["agreement"])
     return w.artifact

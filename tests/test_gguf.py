@@ -300,14 +300,16 @@ def test_each_known_pre_tokenizer_matches_hf(tiny_model, tmp_path, name):
 
 
 @pytest.mark.parametrize("bad", [dict(outtype="bf16"), dict(quants=("Q4_0", "Q4_0")), dict(threads=-1),
-                                 dict(evaluate="some"), dict(quants=(), keep_unquantized=False)])
+                                 dict(evaluate="some"), dict(quants=(), keep_unquantized=False),
+                                 dict(gen_tokens=0), dict(num_ctx=0)])
 def test_bad_config_values(bad):
     with pytest.raises(ValueError):
         GGUFConfig(**bad)
 
 
 @pytest.mark.parametrize("cfg", [GGUFConfig(), GGUFConfig(outtype="f32", quants=["Q8_0", "Q4_K_M"], threads=1),
-                                 GGUFConfig(quants=[], evaluate="all")])
+                                 GGUFConfig(quants=[], evaluate="all"),
+                                 GGUFConfig(verify=False, imatrix=False, gen_tokens=4, num_ctx=512)])
 def test_config_round_trips_through_json(cfg):
     assert GGUFConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
@@ -317,7 +319,7 @@ def test_architectures_are_llama_family():
 
 
 def test_run_writes_a_gguf_artifact(tiny_teacher, tiny_data, tmp_path):
-    cfg = GGUFConfig(outtype="f16", quants=("Q8_0", "Q4_0"), threads=1, evaluate="all")
+    cfg = GGUFConfig(outtype="f16", quants=("Q8_0", "Q4_0"), threads=1, gen_tokens=8)
     art = run([tiny_teacher, tiny_data], cfg, tmp_path / "gguf")
     assert art.model == {"format": "gguf", "file": "model-Q8_0.gguf"}
     assert art.model_path().is_file() and art.path == tmp_path / "gguf"
@@ -327,6 +329,40 @@ def test_run_writes_a_gguf_artifact(tiny_teacher, tiny_data, tmp_path):
     assert detail["model-f16.gguf"]["agreement"] >= 0.99 and 8 < m["bits_per_weight"] < 9
     assert {"ppl", "kl", "n_tokens"} <= set(m)
     assert detail["model-Q4_0.gguf"]["bytes"] < m["bytes"] < detail["model-f16.gguf"]["bytes"]
+    # verification: every file against the torch student, the unquantized one gated
+    assert all({"agreement", "kl", "ppl_delta"} <= set(d["vs_student"]) for d in detail.values())
+    assert m["vs_student"] == detail["model-Q8_0.gguf"]["vs_student"]
+    assert m["unquantized_agreement"] >= 0.99 and abs(m["unquantized_ppl_delta"]) <= 0.01
+    assert m["tokenizer_parity"]["ok"] and m["tokenizer_parity"]["chats"] == 3
+    assert m["generation_parity"]["ok"] and m["generation_parity"]["tokens"] == 8
+    assert m["imatrix"] == {"tensors": 14, "chunks": 4} and m["verified_with"] == "model-f16.gguf"
+    assert (art.path / "Modelfile").read_text().startswith("FROM ./model-Q8_0.gguf\n")
+    assert "Modelfile" in art.manifest["files"]
+
+
+@pytest.mark.parametrize("outtype, broken, match", [
+    ("f32", ("f32",), "model-f32.gguf does not reproduce the torch model.*agreement"),
+    ("f16", ("f16", "f32"), "the F32 GGUF of .* does not reproduce the torch model"),  # F32 decides: broken
+    ("f16", ("f16",), None),  # only F16 is off (rounding): the F32 export passes, the stage succeeds
+])
+def test_run_fails_when_the_unquantized_file_is_off(tiny_teacher, tiny_data, tmp_path, monkeypatch, caplog,
+                                                    outtype, broken, match):
+    """A broken exporter (token embeddings off by one row) is caught by the parity gate; nothing is left behind."""
+    from pistill.export import gguf
+    from pistill.export.verify import VerificationError
+
+    convert = gguf.convert_tensor
+    monkeypatch.setattr(gguf, "convert_tensor", lambda name, arr, config, out: convert(
+        name, np.roll(arr, 1, axis=0) if "embed_tokens" in name and out in broken else arr, config, out))
+    cfg = GGUFConfig(outtype=outtype, quants=(), threads=1, imatrix=False, gen_tokens=4)
+    if match is None:
+        m = run([tiny_teacher, tiny_data], cfg, tmp_path / "gguf").metrics
+        assert m["verified_with"] == "f32" and m["f32_check"]["unquantized_agreement"] == 1.0
+        assert m["unquantized_agreement"] < 0.99 and "F16 loses precision on this model" in caplog.text
+        return
+    with pytest.raises(VerificationError, match=match):
+        run([tiny_teacher, tiny_data], cfg, tmp_path / "gguf")
+    assert not list(tmp_path.iterdir())
 
 
 def test_run_with_a_bad_student_leaves_nothing(tiny_teacher, tiny_data, tmp_path):

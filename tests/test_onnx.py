@@ -116,7 +116,8 @@ def test_ortlm_imports_only_stdlib_numpy_onnxruntime():
 
 
 @pytest.mark.parametrize("cfg", [ONNXConfig(), ONNXConfig(precision="fp32"),
-                                 ONNXConfig(block_size=128, accuracy_level=1)])
+                                 ONNXConfig(block_size=128, accuracy_level=1),
+                                 ONNXConfig(verify=False, verify_fp32=False, gen_tokens=4)])
 def test_config_round_trip(cfg):
     assert ONNXConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
@@ -128,6 +129,7 @@ def test_config_round_trip(cfg):
     ("block_size", 0, "block_size 0"),
     ("accuracy_level", 0, "accuracy_level 0"),
     ("accuracy_level", 5, "accuracy_level 5"),
+    ("gen_tokens", 0, "gen_tokens = 0"),
 ])
 def test_bad_config_raises(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -156,11 +158,53 @@ def test_bad_source_fails_before_writing(tmp_path, config, match):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_run_writes_artifact(tiny_teacher, tiny_data, tmp_path):
-    art = run([tiny_teacher, tiny_data], ONNXConfig(precision="fp32"), tmp_path / "onnx")
+def _copy(src: Path, dst: Path, drop: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / drop).unlink()
+    return dst
+
+
+@pytest.mark.parametrize("drop, match", [("tokenizer.json", "no tokenizer.json"),
+                                         ("model.safetensors", "no \\*.safetensors")])
+def test_missing_files_fail_before_writing(tiny_model, tmp_path, drop, match):
+    src = _copy(tiny_model, tmp_path / "src", drop)
+    with pytest.raises(ValueError, match=match):
+        export(src, tmp_path / "out", ONNXConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_run_writes_verified_int4_artifact(tiny_teacher, tiny_data, tmp_path):
+    art = run([tiny_teacher, tiny_data], ONNXConfig(gen_tokens=8), tmp_path / "onnx")
     assert art.model == {"format": "onnx", "file": "model"} and (art.model_path() / "model.onnx").is_file()
     m = art.metrics
     assert m["params"] == tiny_teacher.metrics["params"] and m["bytes"] == model_bytes(art.model_path())
-    assert m["agreement"] == pytest.approx(1.0) and m["kl"] == pytest.approx(0.0, abs=1e-4)
-    assert m["n_tokens"] > 0 and m["ppl"] > 1
-    assert Artifact.load(art.path, "onnx").manifest["config"]["precision"] == "fp32"
+    assert m["bits_per_weight"] == pytest.approx(8 * m["bytes"] / m["params"])
+    assert m["n_tokens"] > 0 and m["ppl"] > 1 and 0.8 <= m["agreement"] <= 1
+    assert {"agreement", "kl", "ppl_delta"} <= set(m["vs_student"]) and m["vs_student"]["agreement"] >= 0.8
+    # the throwaway fp32 build reproduces torch; the folder's tokenizer reproduces the HF one
+    assert m["unquantized_agreement"] == 1.0 and abs(m["unquantized_ppl_delta"]) < 1e-5
+    assert m["generation_parity"]["equal"] == 3 and m["generation_parity"]["tokens"] == 8
+    assert m["tokenizer_parity"]["ok"] and m["tokenizer_parity"]["eos_ok"]
+    assert Artifact.load(art.path, "onnx").manifest["config"]["precision"] == "int4"
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_run_fp32_verifies_itself_and_fails_when_off(tiny_teacher, tiny_data, tmp_path, monkeypatch):
+    from pistill.export import onnx
+    from pistill.export.verify import VerificationError
+
+    art = run([tiny_teacher, tiny_data], ONNXConfig(precision="fp32", gen_tokens=4), tmp_path / "ok")
+    assert art.metrics["agreement"] == pytest.approx(1.0) and art.metrics["unquantized_agreement"] == 1.0
+    score = onnx.score_exports
+
+    def off(folders, data, reference=None):  # an exporter whose fp32 graph is 3% off torch
+        got = score(folders, data, reference)
+        got["model"]["vs_student"].update(decided_agreement=0.97)
+        return got
+
+    monkeypatch.setattr(onnx, "score_exports", off)
+    with pytest.raises(VerificationError, match="fp32 ONNX export .* agreement 0.9700 < 0.99"):
+        run([tiny_teacher, tiny_data], ONNXConfig(precision="fp32", gen_tokens=4), tmp_path / "bad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
