@@ -41,7 +41,7 @@ def runtime_for_format(fmt: str) -> str:
 class TorchRuntime:
     """A Hugging Face folder through transformers (bitsandbytes-quantized folders included)."""
 
-    def __init__(self, model_path: str, threads: int = 0, max_ctx: int = 2048):
+    def __init__(self, model_path: str, threads: int = 0, max_ctx: int = 2048, dtype: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +49,9 @@ class TorchRuntime:
             torch.set_num_threads(threads)
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = "auto" if self.device == "cuda" else torch.float32
+        if dtype is None:  # the checkpoint's dtype on CUDA; float32 on the CPU, where bf16 matmuls are slow
+            dtype = "auto" if self.device == "cuda" else "float32"
+        dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=self.device)
         self.model.eval()
         self.tok = AutoTokenizer.from_pretrained(model_path)

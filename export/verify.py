@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from pistill.device.runtimes import TorchRuntime
+
 log = logging.getLogger(__name__)
 
 MIN_AGREEMENT = 0.99  # top-1 agreement with torch an unquantized (F16 / F32 / fp32) export must reach ...
@@ -248,34 +250,11 @@ class Parity:
                 "decided_agreement": self.decided_agree / max(self.decided, 1), "decided": self.decided}
 
 
-class TorchLM:
+class TorchLM(TorchRuntime):
     """The torch model in float32 (on CUDA when present): the reference every export is compared with."""
 
     def __init__(self, folder: Path):
-        from pistill.models import load_model
-
-        self.model = load_model(folder, "float32")
-        self.past = None
-
-    def _forward(self, ids: list[int], past):
-        import torch
-
-        x = torch.tensor([ids], device=self.model.device)
-        with torch.inference_mode():
-            out = self.model(input_ids=x, past_key_values=past, use_cache=True)
-        return out.logits[0].float().cpu().numpy(), out.past_key_values
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """(T, V) float32 logits of a full forward."""
-        return self._forward(ids, None)[0]
-
-    def prefill(self, ids: list[int]) -> int:
-        logits, self.past = self._forward(ids, None)
-        return int(logits[-1].argmax())
-
-    def decode(self, token: int) -> int:
-        logits, self.past = self._forward([token], self.past)
-        return int(logits[-1].argmax())
+        super().__init__(str(folder), dtype="float32")
 
 
 def score(reference: TorchLM, runtimes: dict[str, object], data) -> dict[str, dict]:
