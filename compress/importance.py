@@ -46,16 +46,31 @@ def channel_mean_abs(acts):
     return acts.float().abs().mean(dim=1).sum(dim=0)  # (F,)
 
 
-def head_l2(acts, n_heads: int):
-    """Per-head L2 norm of the attention output before o_proj, over head_dim and the sequence, summed over the
-    batch: (B, T, n_heads * head_dim) -> (n_heads,).
+def head_gram(o_weight, n_heads: int):
+    """Per-head Gram matrices of o_proj's columns: (D, H * hd) -> (H, hd, hd), G_h = W_h^T W_h."""
+    import torch
 
-    Minitron's head importance (Muralidharan et al. 2024, arXiv:2407.14679, Sec. 2.2: the norm of each head's
-    attention output, aggregated with L2 over the sequence and the mean over the batch; sums keep it exact).
+    w = o_weight.float().reshape(o_weight.shape[0], n_heads, -1)  # (D, H, hd)
+    return torch.einsum("dhi,dhj->hij", w, w)
+
+
+def head_contribution_l2(acts, gram):
+    """Per-head L2 norm of what each head writes into the residual stream, ||W_o,h a_h|| per token, aggregated
+    with L2 over the sequence and summed over the batch (divide by B for the mean): (B, T, H * hd), (H, hd, hd)
+    -> (H,).
+
+    Minitron (Muralidharan et al. 2024, arXiv:2407.14679, Sec. 2.2) scores a head by the norm of its attention
+    output before o_proj, with this aggregation. But o_proj scales heads very differently: on SmolLM2-135M that
+    score ranked heads worse than chance (docs/pruning.md). Scoring each head's output after its slice of o_proj
+    measures what removing it takes away from the residual stream. Computed through the Gram matrix, ||W a||^2 = a^T G a,
+    so memory stays at the size of `acts` whatever the hidden width.
     """
+    import torch
+
     b, t, _ = acts.shape
-    per_token = acts.float().reshape(b, t, n_heads, -1).norm(dim=-1)  # (B, T, H)
-    return per_token.norm(dim=1).sum(dim=0)  # (H,)
+    a = acts.float().reshape(b, t, gram.shape[0], -1)  # (B, T, H, hd)
+    sq = torch.einsum("bthi,hij,bthj->bth", a, gram.to(a.device), a).clamp_min(0)  # (B, T, H)
+    return sq.sqrt().norm(dim=1).sum(dim=0)  # (H,)
 
 
 def block_influence(x_in, x_out):
@@ -92,17 +107,18 @@ class ActivationStats:
     """Forward pre-hooks on every layer's `mlp.down_proj` that accumulate a per-sequence statistic of its input
     (the MLP channel activations, (B, T, F)) summed over sequences; `scores()` is the mean over sequences.
 
-    Memory is bounded: one (ffn_dim,) float64 sum per layer, whatever the number of blocks.
+    Memory is bounded: one (ffn_dim,) float64 sum per layer, whatever the number of blocks. `stat` is one
+    function for every layer or a list with one per layer (a head score needs that layer's o_proj).
 
         with ActivationStats(model) as stats:
             model(input_ids=x)
         scores = stats.scores()  # list of (ffn_dim,) per layer
     """
 
-    def __init__(self, model, stat: Callable = channel_l2, module: Callable = lambda layer: layer.mlp.down_proj,
-                 output: bool = False):
+    def __init__(self, model, stat: Callable | list[Callable] = channel_l2,
+                 module: Callable = lambda layer: layer.mlp.down_proj, output: bool = False):
         self.layers = model.model.layers
-        self.stat = stat
+        self.stat = stat if isinstance(stat, list) else [stat] * len(self.layers)  # one per layer
         self.module = module  # layer -> the hooked submodule
         self.output = output  # hook the module's output (forward hook) instead of its input (pre-hook)
         self.sums = [None] * len(self.layers)
@@ -112,7 +128,7 @@ class ActivationStats:
     def _hook(self, i: int):
         def hook(module, args, out=None):
             acts = (out if self.output else args[0]).detach()
-            s = self.stat(acts).double().cpu()  # (F,)
+            s = self.stat[i](acts).double().cpu()  # (F,)
             self.sums[i] = s if self.sums[i] is None else self.sums[i] + s
             if i == 0:
                 self.n_seq += acts.shape[0]
@@ -176,11 +192,14 @@ def random_scores(model, blocks: np.ndarray, seed: int) -> list:
 
 @scorer("activation", "heads")
 def head_activation_scores(model, blocks: np.ndarray, seed: int) -> list:
-    """Minitron head importance: the L2 norm of each head's output (the input of o_proj) on calibration blocks."""
+    """Head importance from calibration blocks: the L2 norm of each head's contribution to the residual stream
+    (its output through its slice of o_proj; see head_contribution_l2)."""
     from functools import partial
 
-    stat = partial(head_l2, n_heads=model.config.num_attention_heads)
-    with ActivationStats(model, stat, module=lambda layer: layer.self_attn.o_proj) as stats:
+    n = model.config.num_attention_heads
+    grams = [head_gram(layer.self_attn.o_proj.weight.detach(), n) for layer in model.model.layers]
+    stats = [partial(head_contribution_l2, gram=g) for g in grams]
+    with ActivationStats(model, stats, module=lambda layer: layer.self_attn.o_proj) as stats:
         calibrate(model, blocks)
     return stats.scores()
 

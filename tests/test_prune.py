@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pistill.artifact import Artifact, config_dict
-from pistill.compress.importance import (SCORERS, ActivationStats, channel_l2, channel_mean_abs, magnitude_score,
-                                         random_score)
+from pistill.compress.importance import (SCORERS, ActivationStats, channel_l2, channel_mean_abs,
+                                         head_contribution_l2, head_gram, magnitude_score, random_score)
 from pistill.compress.prune import PruneConfig, kept_width, prune, prune_mlp, select_channels, target_shape
 from pistill.compress.shapes import param_count, parse_params, teacher_shape
 from pistill.compress.sparsity import nm_mask, row_mask, wanda_score, zero_fraction
@@ -90,6 +90,18 @@ def test_magnitude_score_by_hand():
     up = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     down = torch.tensor([[2.0, 1.0], [0.0, 0.0]])  # (D=2, F=2)
     assert torch.allclose(magnitude_score(gate, up, down), torch.tensor([5.0 * 1.0 * 2.0, 1.0 * 2.0 * 1.0]))
+
+
+def test_head_contribution_by_hand():
+    # 2 heads of dim 2 into D = 2; head 0 writes through o_proj scaled by 10, head 1 through the identity
+    o = torch.tensor([[10.0, 0.0, 1.0, 0.0], [0.0, 10.0, 0.0, 1.0]])  # (D=2, H*hd=4)
+    acts = torch.tensor([[[0.3, 0.4, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]]])  # (B=1, T=2, 4): head 1 is 10x larger
+    got = head_contribution_l2(acts, head_gram(o, 2))
+    assert torch.allclose(got, torch.tensor([5.0, 5.0]))  # after o_proj both write a norm-5 vector
+    x = torch.randn(3, 5, 4)  # the Gram route equals the explicit product W_h a_h
+    want = torch.stack([(x[..., 2 * h:2 * h + 2] @ o[:, 2 * h:2 * h + 2].T).norm(dim=-1).norm(dim=1).sum(0)
+                        for h in range(2)])
+    assert torch.allclose(head_contribution_l2(x, head_gram(o, 2)), want, atol=1e-5)
 
 
 def test_random_score_is_seeded():
@@ -441,21 +453,35 @@ def test_sparse_run_is_labelled_honestly(tiny_teacher, tiny_data, tmp_path):
 
 # --- on the real default teacher ------------------------------------------------------------------------------------
 
-@pytest.mark.e2e
-def test_activation_beats_random_at_equal_params_on_the_real_teacher(tmp_path):
-    """At the same shape (half the MLP channels), activation importance keeps held-out perplexity lower."""
-    from pistill.data import DataConfig, load_blocks
-    from pistill.evaluate import evaluate_torch
-    from pistill.models import TeacherConfig, count_params, load_model
+@pytest.fixture(scope="module")
+def real_teacher(tmp_path_factory):
+    """The offline default teacher and a small data artifact (corpus only, 128-token blocks)."""
+    from pistill.data import DataConfig
+    from pistill.models import TeacherConfig
     from pistill.pipeline import run_stage, stage
 
-    teacher, _ = run_stage(stage("teacher"), [], TeacherConfig(), tmp_path / "teacher", force=False)
+    tmp = tmp_path_factory.mktemp("real")
+    teacher, _ = run_stage(stage("teacher"), [], TeacherConfig(), tmp / "teacher", force=False)
     cfg = DataConfig(generate=0, block_size=128, calib_blocks=4, train_blocks=1, heldout_blocks=4, topk=8)
-    data, _ = run_stage(stage("data"), [teacher], cfg, tmp_path / "data", force=False)
+    data, _ = run_stage(stage("data"), [teacher], cfg, tmp / "data", force=False)
+    return teacher, data
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fields", [{"ffn_ratio": 0.5}, {"ffn_ratio": 1.0, "n_heads": 6},
+                                    {"ffn_ratio": 1.0, "n_layer": 24}, {"ffn_ratio": 1.0, "hidden": 448}],
+                         ids=["mlp", "heads", "layers", "hidden"])
+def test_activation_beats_random_at_equal_params_on_the_real_teacher(real_teacher, fields):
+    """At the same shape, activation importance keeps held-out perplexity lower than random, on every axis."""
+    from pistill.data import load_blocks
+    from pistill.evaluate import evaluate_torch
+    from pistill.models import count_params, load_model
+
+    teacher, data = real_teacher
     result = {}
     for method in ("activation", "random"):
         model = load_model(teacher.model_path())
-        prune(model, load_blocks(data, "calib"), PruneConfig(method=method, ffn_ratio=0.5, calib_blocks=4))
+        prune(model, load_blocks(data, "calib"), PruneConfig(method=method, calib_blocks=4, **fields))
         result[method] = (count_params(model), evaluate_torch(model, data)["ppl"])
     assert result["activation"][0] == result["random"][0]
     assert result["activation"][1] < result["random"][1], result
