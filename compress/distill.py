@@ -140,6 +140,7 @@ class DistillConfig:
     ckpt_every: int = 10  # checkpoint every N steps (outside the artifact, for resuming); 0 turns it off
     seed: int = 0  # data order and torch RNG
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    grad_checkpointing: str = "auto"  # recompute activations in backward: auto (on CUDA only) | on | off
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_blocks"):
@@ -160,6 +161,8 @@ class DistillConfig:
             raise ValueError(f"beta = {self.beta} must be in [0, 1]: 0 is forward_kl, 1 is reverse_kl")
         if not self.temperature > 0:
             raise ValueError(f"temperature = {self.temperature} must be positive; 1.0 is the plain distribution")
+        if self.grad_checkpointing not in ("auto", "on", "off"):
+            raise ValueError(f"grad_checkpointing = {self.grad_checkpointing!r} is not one of auto, on, off")
         if self.weight_decay < 0 or self.clip < 0:
             raise ValueError(f"weight_decay = {self.weight_decay} and clip = {self.clip} must be >= 0")
 
@@ -248,6 +251,12 @@ class TrainLog:
 
 # --- training -----------------------------------------------------------------------------------------------------
 
+def grad_checkpointing(cfg: DistillConfig, device) -> bool:
+    """Whether to recompute the student's activations in the backward pass: "auto" does it on CUDA, where
+    activation memory bounds the batch; on a CPU the RAM is there and the recompute only costs time."""
+    return cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and device.type == "cuda")
+
+
 def _autocast(device):
     import torch
 
@@ -288,9 +297,11 @@ def teacher_topk(teacher, blocks: np.ndarray, k: int, batch_size: int) -> tuple[
     return np.concatenate(ids), np.concatenate(logp)
 
 
-def load_topk_cache(work_dir: Path | None, teacher, blocks: np.ndarray, cfg: DistillConfig, key: str):
+def load_topk_cache(work_dir: Path | None, teacher, blocks: np.ndarray, cfg: DistillConfig, key: str,
+                    write: bool = True):
     """The teacher's top-k cache for `blocks`: read from `work_dir` when written for the same `key`, else computed
-    once (the teacher runs once per training block) and saved there atomically. None when cfg.teacher_topk is 0."""
+    once (the teacher runs once per training block) and, if `write`, saved there atomically. None when
+    cfg.teacher_topk is 0."""
     if not cfg.teacher_topk:
         return None
     k = min(cfg.teacher_topk, teacher.config.vocab_size)
@@ -300,7 +311,7 @@ def load_topk_cache(work_dir: Path | None, teacher, blocks: np.ndarray, cfg: Dis
             if str(z["key"]) == key and z["ids"].shape[0] == len(blocks):
                 return z["ids"], z["logp"]
     ids, logp = teacher_topk(teacher, blocks, k, cfg.batch_size)
-    if path is not None:
+    if path is not None and write:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
         np.savez(tmp, ids=ids, logp=logp, key=np.array(key))
@@ -424,7 +435,12 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
     key = key or json.dumps(config_dict(cfg), sort_keys=True)
     opt, sched = make_optimizer(student, cfg)
     ckpt, start, tlog = _resume(work_dir, student, opt, sched, key, main)
-    cache = load_topk_cache(work_dir if main else None, teacher, blocks, cfg, key)
+    recompute = grad_checkpointing(cfg, next(student.parameters()).device)
+    if recompute:  # transformers' per-layer checkpointing, non-reentrant (works with DDP and no_sync)
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if dist:  # every rank then finds the same cache (a sharded teacher's forward passes are collective)
+        dist.wait_for_everyone()
+    cache = load_topk_cache(work_dir, teacher, blocks, cfg, key, write=main)
     model = dist.prepare_model(student) if dist else student  # DDP shares the student's parameters
     tokens = cfg.batch_size * cfg.grad_accum * blocks.shape[1] * (dist.num_processes if dist else 1)
     student.train()
@@ -436,12 +452,14 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
                    "lr": lr, "tokens": tokens, "step_s": time.perf_counter() - t0}
             tlog.add(row | {"tokens_per_s": tokens / row["step_s"]})
             bar.update(task, advance=1, loss=row["loss"], tps=tokens / row["step_s"])
-            if main and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # every rank: see the top-k cache
                 tlog.add({"step": step + 1, "eval_loss": evaluate_loss(student, teacher, heldout, cfg)})
             if ckpt is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
                 save_checkpoint(ckpt, student, opt, sched, step + 1, key)
     if dist:
         dist.wait_for_everyone()
+    if recompute:
+        student.gradient_checkpointing_disable()
     student.eval()
     return tlog.summary()
 

@@ -10,7 +10,9 @@ by one). Every rank holds the student and the teacher, takes its own blocks and 
 a step consumes batch_size x grad_accum x processes blocks. The main process checkpoints (resumable, like the
 stage), logs, and saves the student as an HF folder in --out (default RUN_DIR/distill-ddp) with train_log.jsonl.
 `--hash-dir DIR`: each rank writes the sha256 of its final weights to DIR/rank<r>.sha256 (they must agree).
-A teacher too large for one GPU needs FSDP instead (docs/benchmarks.md).
+`--fsdp-teacher`: a teacher too large for one device is sharded across the processes with torch FSDP
+(`fully_shard`, one unit per decoder layer): each rank keeps 1/N of its weights and gathers one layer at a time
+during the forward pass. It needs an unquantized teacher (`--teacher RUN/teacher`); the student stays in DDP.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="override [distill] steps")
     p.add_argument("--out", type=Path, help="where the student goes (default RUN/distill-ddp)")
     p.add_argument("--hash-dir", type=Path, help="each rank writes the sha256 of its final weights here")
+    p.add_argument("--fsdp-teacher", action="store_true",
+                   help="shard the (unquantized) teacher across the processes with FSDP instead of a copy per rank")
     args = p.parse_args(argv)
     for name, stage in (("teacher", "quantize"), ("student", "prune"), ("data", "data"), ("out", "distill-ddp")):
         if getattr(args, name) is None:
@@ -54,6 +58,29 @@ def state_digest(model) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def shard_teacher(folder: Path, device: str):
+    """The teacher in `folder` sharded across the launched processes with FSDP2 (`torch.distributed.fsdp.fully_shard`):
+    one unit per decoder layer plus the root (embeddings, final norm, output layer). Loaded in host memory first;
+    each rank then keeps 1/N of every weight on `device` and all-gathers a layer's weights only for its forward
+    pass. Forward-only (the teacher is never trained), so there are no gradients or optimizer state to shard."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from pistill.models import read_config
+
+    if "quantization_config" in read_config(folder):
+        raise SystemExit(f"--fsdp-teacher: {folder} is a bitsandbytes-quantized teacher, which FSDP cannot shard; "
+                         "pass the unquantized one (--teacher RUN/teacher)")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    mesh = init_device_mesh(torch.device(device).type, (torch.distributed.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def config(args: argparse.Namespace):
@@ -81,7 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     distill.check_tokenizers(t_dir, s_dir)
     blocks, heldout = distill.training_blocks(inputs[2], read_config(s_dir)["vocab_size"])
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    teacher = load_teacher(t_dir, device)
+    if args.fsdp_teacher and dist is None:
+        raise SystemExit("--fsdp-teacher shards the teacher across processes: start several with accelerate launch "
+                         "or torchrun")
+    teacher = shard_teacher(t_dir, device) if args.fsdp_teacher else load_teacher(t_dir, device)
     student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32).to(device)
     key = f"{input_key('distill', cfg, inputs)}:world={world}"  # another world size sees other blocks
     work = distill.checkpoint_dir(args.out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -146,7 +147,7 @@ def test_config_round_trip(cfg):
     ({"lr": 0.0}, "lr = 0.0"), ({"min_lr_ratio": 2.0}, "min_lr_ratio = 2.0"), ({"alpha": -0.1}, "alpha = -0.1"),
     ({"temperature": 0.0}, "temperature = 0.0"), ({"ckpt_every": -1}, "ckpt_every = -1"), ({"clip": -1.0}, "clip"),
     ({"loss": "kl"}, "supported: forward_kl, jsd, reverse_kl"), ({"beta": 1.5}, "beta = 1.5"),
-    ({"teacher_topk": -1}, "teacher_topk = -1"),
+    ({"teacher_topk": -1}, "teacher_topk = -1"), ({"grad_checkpointing": "yes"}, "auto, on, off"),
 ])
 def test_config_rejects_bad_values(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -217,6 +218,21 @@ def test_distillation_on_cuda_with_bf16_autocast(teacher, student_dir):
     summary = train(load(student_dir).cuda(), teacher.cuda(), blocks(), blocks(2, seed=1), cfg)
     teacher.cpu()
     assert summary["loss_last"] < 0.9 * summary["loss_first"]
+
+
+def test_gradient_checkpointing_gives_the_same_training(teacher, student_dir):
+    """Recomputing activations in the backward pass ("on", as "auto" does on CUDA) changes memory, not the maths:
+    the same three steps end with the same weights and losses as without it; the model is left without it."""
+    cfg = DistillConfig(steps=3, lr=3e-3, warmup_steps=1, eval_every=0, ckpt_every=0, grad_checkpointing="off")
+    plain, recomputed = load(student_dir), load(student_dir)
+    want = train(plain, teacher, blocks(), blocks(2, seed=1), cfg)
+    got = train(recomputed, teacher, blocks(), blocks(2, seed=1), dataclasses.replace(cfg, grad_checkpointing="on"))
+    assert got["loss_last"] == pytest.approx(want["loss_last"], rel=1e-5)
+    for a, b in zip(plain.parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not recomputed.is_gradient_checkpointing
+    assert distill.grad_checkpointing(DistillConfig(), torch.device("cuda"))
+    assert not distill.grad_checkpointing(DistillConfig(), torch.device("cpu"))
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(teacher, student_dir, tmp_path, monkeypatch):
@@ -353,32 +369,60 @@ def test_the_stage_refuses_to_run_as_several_processes(monkeypatch, tmp_path):
         distill.run([], DistillConfig(), tmp_path / "distill")
 
 
-def test_two_cpu_processes_end_with_identical_weights(tiny_teacher, tiny_data, tmp_path):
-    """torchrun with two CPU processes (gloo) on the tiny model: both ranks hold the same weights at the end, and
-    they moved (the all-reduced gradients were applied)."""
+def launch(teacher, student, data, tmp_path, *extra: str) -> dict:
+    """torchrun with two CPU processes (gloo) running compress/distill_launch.py for 3 steps on the tiny model:
+    {rank file: sha256 of that rank's final weights}, with the student in tmp_path / "ddp"."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from pistill.compress.distill_launch import state_digest
-    from pistill.compress.prune import PruneConfig
-    from pistill.compress.prune import run as prune_run
-
-    pruned = prune_run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path / "prune")
     script = Path(distill.__file__).with_name("distill_launch.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "--teacher", str(tiny_teacher.path), "--student", str(pruned.path), "--data", str(tiny_data.path), "--steps", "3", "--out", str(tmp_path / "ddp"), "--hash-dir", str(tmp_path / "h")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+           "--teacher", str(teacher.path), "--student", str(student.path), "--data", str(data.path),
+           "--steps", "3", "--out", str(tmp_path / "ddp"), "--hash-dir", str(tmp_path / "h"), *extra]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    hashes = {p.name: p.read_text() for p in (tmp_path / "h").iterdir()}
+    return {p.name: p.read_text().strip() for p in (tmp_path / "h").iterdir()}
+
+
+@pytest.fixture
+def pruned(tiny_teacher, tiny_data, tmp_path):
+    from pistill.compress.prune import PruneConfig
+    from pistill.compress.prune import run as prune_run
+
+    return prune_run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path / "prune")
+
+
+def test_two_cpu_processes_end_with_identical_weights(tiny_teacher, tiny_data, pruned, tmp_path):
+    """torchrun with two CPU processes (gloo) on the tiny model: both ranks hold the same weights at the end, and
+    they moved (the all-reduced gradients were applied)."""
+    from pistill.compress.distill_launch import state_digest
+
+    hashes = launch(tiny_teacher, pruned, tiny_data, tmp_path)
     assert sorted(hashes) == ["rank0.sha256", "rank1.sha256"] and len(set(hashes.values())) == 1
-    assert hashes["rank0.sha256"].strip() != state_digest(load(pruned.model_path()))
-    assert state_digest(load(tmp_path / "ddp")) == hashes["rank0.sha256"].strip()
+    assert hashes["rank0.sha256"] != state_digest(load(pruned.model_path()))
+    assert state_digest(load(tmp_path / "ddp")) == hashes["rank0.sha256"]
     rows = [json.loads(r) for r in (tmp_path / "ddp" / TRAIN_LOG).read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert rows[0]["tokens"] == 2 * DistillConfig().batch_size * 64  # two ranks' blocks per step
+
+
+def test_fsdp_sharded_teacher_trains_the_same_student(tiny_teacher, tiny_data, pruned, tmp_path):
+    """--fsdp-teacher: each of two CPU processes holds half of every teacher weight (FSDP2 over gloo), gathered
+    layer by layer in the forward pass; the student ends with the weights a whole teacher per rank gives."""
+    whole = launch(tiny_teacher, pruned, tiny_data, tmp_path / "whole")
+    sharded = launch(tiny_teacher, pruned, tiny_data, tmp_path / "sharded", "--fsdp-teacher")
+    assert len(set(sharded.values())) == 1 and sharded == whole
+
+
+def test_fsdp_teacher_needs_several_processes(tiny_teacher, tiny_data, pruned, tmp_path):
+    from pistill.compress.distill_launch import main
+
+    with pytest.raises(SystemExit, match="several"):
+        main(["--teacher", str(tiny_teacher.path), "--student", str(pruned.path), "--data", str(tiny_data.path),
+              "--out", str(tmp_path / "out"), "--fsdp-teacher"])
 
 
 # --- bench/distill.py --throughput --------------------------------------------------------------------------------
