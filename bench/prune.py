@@ -69,10 +69,11 @@ def measure(teacher, data, fields: dict, n_layer: int) -> dict:
 
 def table(rows: list[dict], teacher_ppl: float, teacher_params: int) -> str:
     lines = [f"teacher: {teacher_params / 1e6:.1f}M params, held-out ppl {teacher_ppl:.2f}", "",
-             "| setting | method | params (M) | sparsity | ppl | agreement | KL |", "|---|---|---|---|---|---|---|"]
+             "| setting | method | params (M) | zeros | held-out ppl | top-1 agreement | KL |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['method']} | {r['params'] / 1e6:.1f} | {r['sparsity']:.2f} | "
-                     f"{r['ppl']:.2f} | {r['agreement']:.3f} | {r['kl']:.3f} |")
+                     f"{r['ppl']:,.2f} | {r['agreement']:.3f} | {r['kl']:.3f} |")
     return "\n".join(lines)
 
 
@@ -92,7 +93,7 @@ def main() -> None:
     n_layer = read_config(teacher.model_path())["num_hidden_layers"]
     rows = []
     plan = [(s, m, {**f, "method": m, "calib_blocks": args.calib_blocks}) for s, f in SETTINGS.items()
-            for m in METHODS] + [(s, "-", {**f, "calib_blocks": args.calib_blocks}) for s, f in SPARSE.items()]
+            for m in METHODS] + [(s, f["sparsity_method"], {**f, "calib_blocks": args.calib_blocks}) for s, f in SPARSE.items()]
     report = {"rows": rows, "teacher_ppl": data.metrics["teacher_ppl"], "teacher_params": teacher.metrics["params"],
               "calib_blocks": args.calib_blocks, "heldout_blocks": args.heldout_blocks, "block_size": args.block_size,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
