@@ -93,7 +93,8 @@ def main() -> None:
     n_layer = read_config(teacher.model_path())["num_hidden_layers"]
     rows = []
     plan = [(s, m, {**f, "method": m, "calib_blocks": args.calib_blocks}) for s, f in SETTINGS.items()
-            for m in METHODS] + [(s, f["sparsity_method"], {**f, "calib_blocks": args.calib_blocks}) for s, f in SPARSE.items()]
+            for m in METHODS]
+    plan += [(s, f["sparsity_method"], {**f, "calib_blocks": args.calib_blocks}) for s, f in SPARSE.items()]
     report = {"rows": rows, "teacher_ppl": data.metrics["teacher_ppl"], "teacher_params": teacher.metrics["params"],
               "calib_blocks": args.calib_blocks, "heldout_blocks": args.heldout_blocks, "block_size": args.block_size,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),

@@ -168,7 +168,6 @@ class DistillConfig:
         if self.weight_decay < 0 or self.clip < 0:
             raise ValueError(f"weight_decay = {self.weight_decay} and clip = {self.clip} must be >= 0")
 
-
     def validate_paths(self) -> None:
         """Fail fast (no weights loaded) when a `student` source cannot be found."""
         if self.student:

@@ -61,8 +61,9 @@ def state_digest(model) -> str:
 
 
 def shard_teacher(folder: Path, device: str):
-    """The teacher in `folder` sharded across the launched processes with FSDP2 (`torch.distributed.fsdp.fully_shard`):
-    one unit per decoder layer plus the root (embeddings, final norm, output layer). Loaded in host memory first;
+    """The teacher in `folder` sharded across the launched processes with FSDP2
+    (`torch.distributed.fsdp.fully_shard`): one unit per decoder layer plus the root (embeddings, final norm,
+    output layer). Loaded in host memory first;
     each rank then keeps 1/N of every weight on `device` and all-gathers a layer's weights only for its forward
     pass. Forward-only (the teacher is never trained), so there are no gradients or optimizer state to shard."""
     import torch

@@ -62,8 +62,8 @@ def head_contribution_l2(acts, gram):
     Minitron (Muralidharan et al. 2024, arXiv:2407.14679, Sec. 2.2) scores a head by the norm of its attention
     output before o_proj, with this aggregation. But o_proj scales heads very differently: on SmolLM2-135M that
     score ranked heads worse than chance (docs/pruning.md). Scoring each head's output after its slice of o_proj
-    measures what removing it takes away from the residual stream. Computed through the Gram matrix, ||W a||^2 = a^T G a,
-    so memory stays at the size of `acts` whatever the hidden width.
+    measures what removing it takes away from the residual stream. Computed through the Gram matrix,
+    ||W a||^2 = a^T G a, so memory stays at the size of `acts` whatever the hidden width.
     """
     import torch
 
@@ -198,8 +198,8 @@ def head_activation_scores(model, blocks: np.ndarray, seed: int) -> list:
 
     n = model.config.num_attention_heads
     grams = [head_gram(layer.self_attn.o_proj.weight.detach(), n) for layer in model.model.layers]
-    stats = [partial(head_contribution_l2, gram=g) for g in grams]
-    with ActivationStats(model, stats, module=lambda layer: layer.self_attn.o_proj) as stats:
+    per_layer = [partial(head_contribution_l2, gram=g) for g in grams]
+    with ActivationStats(model, per_layer, module=lambda layer: layer.self_attn.o_proj) as stats:
         calibrate(model, blocks)
     return stats.scores()
 
