@@ -87,11 +87,17 @@ class TorchRuntime:
 class LlamaCppRuntime:
     """A GGUF file through llama.cpp (llama-cpp-python)."""
 
-    def __init__(self, model_path: str, threads: int = 0, max_ctx: int = 2048):
+    def __init__(self, model_path: str, threads: int = 0, max_ctx: int = 2048, kv_type: str = "f16"):
+        """`kv_type`: the KV cache's element type, "f16" (llama.cpp's default) or "f32" (an F32 file then
+        computes in F32 throughout, as export verification needs)."""
         import llama_cpp
 
+        if kv_type not in ("f16", "f32"):
+            raise ValueError(f"kv_type '{kv_type}' is not supported; use f16 or f32")
+        # llama.cpp's own default (F16) passes no argument, so an older llama-cpp-python on a device works too
+        kv = {} if kv_type == "f16" else {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
         self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=max_ctx, n_threads=threads or os.cpu_count(),
-                                   n_batch=512, logits_all=True, verbose=False)
+                                   n_batch=512, logits_all=True, verbose=False, **kv)
         self.version = llama_cpp.__version__
 
     def tokenize(self, text: str) -> list[int]:

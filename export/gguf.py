@@ -455,17 +455,9 @@ def importance(reference, data: Artifact, names: dict[str, str]) -> LlamaImatrix
 def llama_runtime(path: Path, threads: int, n_ctx: int, f32_cache: bool = False):
     """A `LlamaCppRuntime`; with `f32_cache`, keys and values are cached in F32 instead of llama.cpp's F16, so an F32
     file computes in F32 throughout."""
-    import llama_cpp
-
     from pistill.device.runtimes import LlamaCppRuntime
 
-    rt = LlamaCppRuntime(str(path), threads, n_ctx)
-    if f32_cache:
-        rt.llm.close()
-        rt.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), n_batch=512,
-                                 logits_all=True, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
-                                 type_v=llama_cpp.GGML_TYPE_F32)
-    return rt
+    return LlamaCppRuntime(str(path), threads, n_ctx, kv_type="f32" if f32_cache else "f16")
 
 
 def score_files(files: list[Path], data: Artifact, threads: int, reference=None,

@@ -223,6 +223,26 @@ def test_generation_parity(gap, flip, want):
         assert got["diverged"] == [{"prompt": 0, "at": 3, "margin": round(gap / float(row.std()), 4)}]
 
 
+def test_f32_kv_cache_brings_an_f32_gguf_closer_to_torch(reference, f32_gguf, tiny_data):
+    """kv_type = "f32" keeps keys and values in F32: an F32 file then computes in F32 throughout, so its logits sit
+    closer to torch's than with llama.cpp's default F16 cache (which rounds them)."""
+    from pistill.data import load_blocks
+    from pistill.device.runtimes import LlamaCppRuntime
+
+    ids = load_blocks(tiny_data, "heldout")[0].tolist()
+    want = reference.logits(ids)
+    err = {}
+    for kv in ("f16", "f32"):
+        rt = LlamaCppRuntime(str(f32_gguf), 1, 512, kv_type=kv)
+        try:
+            err[kv] = float(np.abs(rt.logits(ids) - want).max())
+        finally:
+            rt.close()
+    assert err["f32"] < err["f16"], err
+    with pytest.raises(ValueError, match="kv_type 'q8' is not supported"):
+        LlamaCppRuntime(str(f32_gguf), 1, 512, kv_type="q8")
+
+
 def test_greedy_f32_gguf_equals_torch(reference, f32_gguf, tiny_model):
     from pistill.device.runtimes import LlamaCppRuntime
 
