@@ -22,19 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 MC_SETS = {"arc_easy": "arc_easy.jsonl", "piqa": "piqa.jsonl"}
 MC_SUFFIX = "\nAnswer:"  # lm-eval's ARC / PIQA prompt: "Question: ...\nAnswer:" then " " + choice
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "") if Path("/proc/cpuinfo").exists() else ""
-    return f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
 # --- quality ------------------------------------------------------------------------------------------------------
@@ -100,7 +92,7 @@ def plot_loss(train_log: Path, png: Path) -> None:
 
 def quality(args: argparse.Namespace) -> None:
     """The teacher and the pruned student are scored before distillation runs, so an interrupted run keeps them."""
-    from pistill.artifact import environment
+    from pistill.artifact import environment, machine_summary
     from pistill.mc_eval import read_items
     from pistill.recipe import load
 
@@ -110,7 +102,8 @@ def quality(args: argparse.Namespace) -> None:
         recipe = recipe.with_config("data", generate=args.generate)
     mc = {n: read_items(args.mc_data / f, args.mc_items, MC_SUFFIX) for n, f in MC_SETS.items()
           if args.mc_data and (args.mc_data / f).is_file()}
-    result = {"schema_version": 1, "recipe": str(args.recipe), "machine": machine(), "environment": environment(),
+    result = {"schema_version": 1, "recipe": str(args.recipe), "machine": machine_summary(),
+              "environment": environment(),
               "data_config": dataclasses.asdict(recipe.configs["data"]), "mc_items": args.mc_items, "rows": []}
     arts = stages(("teacher", "data", "prune"), recipe.configs, args.out, {})
     for label, name in (("teacher", "teacher"), ("pruned", "prune")):
@@ -145,6 +138,7 @@ def throughput(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
+    from pistill.artifact import machine_summary
     from pistill.compress.distill import DistillConfig, train
     from pistill.models import count_params, torch_device
 
@@ -163,7 +157,7 @@ def throughput(args: argparse.Namespace) -> dict:
     n_t, n_s = count_params(teacher), count_params(student)
     flops_per_token = 6 * n_s + 2 * n_t  # forward + backward of the student, forward of the teacher
     tflops = flops_per_token * summary["tokens_per_s"] / 1e12
-    out = {"device": torch.cuda.get_device_name() if device == "cuda" else machine(), "teacher_params": n_t,
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else machine_summary(), "teacher_params": n_t,
            "student_params": n_s, "batch_size": args.batch_size, "block_size": args.block_size,
            "steps": args.steps, "warmup_s": warm_s, "tokens_per_s": summary["tokens_per_s"], "model_tflops": tflops,
            "mfu": tflops / args.peak_tflops if args.peak_tflops else None}

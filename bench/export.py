@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 GGUF_QUANTS = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0")
@@ -75,13 +74,6 @@ def table(rs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    import os
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="teacher source: default, HF folder or .gguf")
@@ -91,10 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     arts = stages(args.model, args.out, args.threads)
     rs = rows(arts)
     print(table(rs))
-    from pistill.artifact import environment
+    from pistill.artifact import environment, machine_summary
 
     torch_ppl = arts["gguf"].manifest["files_detail"][next(iter(arts["gguf"].manifest["files_detail"]))]
-    result = {"schema_version": 1, "model": args.model, "machine": machine(), "environment": environment(),
+    result = {"schema_version": 1, "model": args.model, "machine": machine_summary(), "environment": environment(),
               "heldout_tokens": torch_ppl["vs_student"]["n_tokens"], "torch_ppl": torch_ppl["vs_student"]["ref_ppl"],
               "generation_parity": {k: arts[k].metrics.get("generation_parity") for k in ("gguf", "onnx-fp32")},
               "rows": rs}

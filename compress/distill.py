@@ -171,11 +171,9 @@ class DistillConfig:
     def validate_paths(self) -> None:
         """Fail fast (no weights loaded) when a `student` source cannot be found."""
         if self.student:
-            from pistill.models import check_architecture, read_config, resolve_source
+            from pistill.models import check_source
 
-            kind, where = resolve_source(self.student, "student", "[distill] student")
-            if kind == "folder":
-                check_architecture(read_config(Path(where)), str(where))
+            check_source(self.student, "student", "[distill] student")
 
 
 def lr_factor(step: int, cfg: DistillConfig) -> float:

@@ -452,18 +452,12 @@ def importance(reference, data: Artifact, names: dict[str, str]) -> LlamaImatrix
     return LlamaImatrix(imatrix, len(calib), f"pistill calib {data.id[:12]}")
 
 
-def llama_runtime(path: Path, threads: int, n_ctx: int, f32_cache: bool = False):
-    """A `LlamaCppRuntime`; with `f32_cache`, keys and values are cached in F32 instead of llama.cpp's F16, so an F32
-    file computes in F32 throughout."""
-    from pistill.device.runtimes import LlamaCppRuntime
-
-    return LlamaCppRuntime(str(path), threads, n_ctx, kv_type="f32" if f32_cache else "f16")
-
-
 def score_files(files: list[Path], data: Artifact, threads: int, reference=None,
-                f32_cache: bool = False) -> dict[str, dict]:
-    """Held-out metrics per file name against the teacher; with a torch `reference`, also `vs_student`."""
+                kv_type: str = "f16") -> dict[str, dict]:
+    """Held-out metrics per file name against the teacher; with a torch `reference`, also `vs_student`. `kv_type`
+    "f32" caches keys and values in F32, so an F32 file computes in F32 throughout."""
     from pistill.data import load_blocks
+    from pistill.device.runtimes import LlamaCppRuntime
     from pistill.evaluate import evaluate_path
 
     from .verify import score
@@ -474,17 +468,19 @@ def score_files(files: list[Path], data: Artifact, threads: int, reference=None,
     runtimes = {}
     try:
         for f in files:
-            runtimes[f.name] = llama_runtime(f, threads, n_ctx, f32_cache)
+            runtimes[f.name] = LlamaCppRuntime(str(f), threads, n_ctx, kv_type)
         return score(reference, runtimes, data)
     finally:
         for rt in runtimes.values():
             rt.close()
 
 
-def greedy_parity(path: Path, folder: Path, reference, cfg: GGUFConfig, f32_cache: bool = False) -> dict:
+def greedy_parity(path: Path, folder: Path, reference, cfg: GGUFConfig, kv_type: str = "f16") -> dict:
+    from pistill.device.runtimes import LlamaCppRuntime
+
     from .verify import generation_parity, prompt_ids
 
-    rt = llama_runtime(path, cfg.threads, 512, f32_cache)
+    rt = LlamaCppRuntime(str(path), cfg.threads, 512, kv_type)
     try:
         return generation_parity(reference, rt, prompt_ids(folder), cfg.gen_tokens)
     finally:
@@ -519,8 +515,8 @@ def check_f32(folder: Path, reference, data: Artifact, cfg: GGUFConfig) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="pistill-gguf-f32-") as tmp:
         path = write_gguf(folder, Path(tmp) / "model-f32.gguf", "f32")
-        parity = score_files([path], data, cfg.threads, reference, f32_cache=True)[path.name]["vs_student"]
-        gen = greedy_parity(path, folder, reference, cfg, f32_cache=True)
+        parity = score_files([path], data, cfg.threads, reference, kv_type="f32")[path.name]["vs_student"]
+        gen = greedy_parity(path, folder, reference, cfg, kv_type="f32")
         check_unquantized(f"the F32 GGUF of {folder}", parity, gen)
     log.warning("the F32 export matches torch: F16 loses precision on this model; prefer outtype = \"f32\"")
     return unquantized_metrics(parity, gen)

@@ -113,6 +113,16 @@ def environment() -> dict:
     }
 
 
+def machine_summary() -> str:
+    """"AMD EPYC 7B13, 2 cores, Linux": the CPU model (from /proc/cpuinfo where there is one), the core count and
+    the OS, for benchmark records."""
+    from pistill.device.doctor import cpu_fields
+
+    info = Path("/proc/cpuinfo")
+    cpu = cpu_fields(info.read_text()).get("model name") if info.exists() else None
+    return f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+
+
 def _device() -> str:
     torch = sys.modules.get("torch")  # only if a stage already imported it
     if torch is not None and torch.cuda.is_available():

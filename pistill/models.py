@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .artifact import Artifact, ArtifactWriter, dir_bytes
+from .artifact import Artifact, ArtifactWriter
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,14 @@ def resolve_source(source: str, role: str = "teacher", field: str = "[teacher] s
         return "hub", source
     raise TeacherError(f"{role} '{source}' is neither a folder, a .gguf file nor a hub id 'org/name'; "
                        f"fix {field} (or use '{DEFAULT_TEACHER}')")
+
+
+def check_source(source: str, role: str = "teacher", field: str = "[teacher] source") -> None:
+    """Fail fast, loading no weights, when a model source cannot be found or a local folder's architecture is not
+    supported."""
+    kind, where = resolve_source(source, role, field)
+    if kind == "folder":
+        check_architecture(read_config(Path(where)), str(where))
 
 
 def gguf_to_hf(gguf: Path, out: Path) -> Path:
@@ -195,9 +203,7 @@ class TeacherConfig:
 
     def validate_paths(self) -> None:
         """Fail fast (no weights loaded) when the source cannot be found."""
-        kind, where = resolve_source(self.source)
-        if kind == "folder":
-            check_architecture(read_config(Path(where)), str(where))
+        check_source(self.source)
 
 
 def run(inputs: list[Artifact], cfg: TeacherConfig, out: Path) -> Artifact:
