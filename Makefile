@@ -11,15 +11,22 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pistill-installed
 
-.PHONY: install system-deps edge test test-fast clean
-install: $(STAMP)
+.PHONY: install llama system-deps edge test test-fast clean
+install: $(STAMP) llama
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python pistill/llama_build.py --python $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
+
+# llama-cpp-python is built here, natively but without AMX (its kernels crash on Q4_0 files; see
+# pistill/llama_build.py), and cached by flags and CPU. Checked on every install: a venv built before, or on
+# another CPU, is rebuilt.
+llama: $(STAMP)
+	$(BIN)/python pistill/llama_build.py --python $(BIN)/python
 
 edge: install
 	$(BIN)/pistill run $(RECIPE) $(if $(PI),--target $(PI)) $(if $(OUT),--out $(OUT))

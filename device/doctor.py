@@ -11,6 +11,8 @@ import os
 import re
 import subprocess
 
+from pistill.llama_build import REBUILD
+
 from .agent import throttle_flags
 
 SCRIPT_TIMEOUT_S = 60
@@ -36,8 +38,10 @@ s end
 PY_PROBE = ("import json,platform,struct,sys\nfrom importlib import metadata\nv={}\n"
             "for n in ('llama_cpp_python','onnxruntime','numpy','tokenizers','torch','transformers'):\n"
             "    try: v[n]=metadata.version(n)\n    except Exception: v[n]=None\n"
+            "try:\n    import llama_cpp; si=llama_cpp.llama_print_system_info().decode(errors='replace').strip()\n"
+            "except Exception: si=None\n"
             "print(json.dumps({'version':platform.python_version(),'executable':sys.executable,"
-            "'bits':struct.calcsize('P')*8,'packages':v}))")
+            "'bits':struct.calcsize('P')*8,'packages':v,'llama_system_info':si}))")
 CPU_PARTS = {"0xd03": "Cortex-A53", "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76", "0xd05": "Cortex-A55"}
 BOARDS = (("Raspberry Pi 5", "pi5"), ("Raspberry Pi 4", "pi4"), ("Raspberry Pi 400", "pi4"),
           ("Compute Module 4", "pi4"), ("Compute Module 5", "pi5"), ("Raspberry Pi 3", "pi3"),
@@ -172,11 +176,27 @@ def advise(facts: dict, model_bytes: int | None = None) -> list[str]:
         notes.append(f"not a Raspberry Pi ({facts.get('machine') or 'unknown machine'}): board-specific advice "
                      "(quant type, build flags, throttling) does not apply")
     notes += _memory_notes(facts, model_bytes) + _heat_notes(facts)
+    if llama_has_amx(facts):
+        notes.append("llama.cpp was built with AMX kernels (AMX_INT8 = 1), which crash on the first Q4_0 / Q4_1 "
+                     f"decode; rebuild it without them: {REBUILD} (pistill provisions devices that way)")
     if facts.get("asimddp") is False:
         quant, why = recommend_quant(facts)
         notes.append(f"no ARM dot product (asimddp), as on a Pi 4: export {quant} rather than Q4_0 ({why}); "
                      "llama.cpp is built without +dotprod here")
     return notes
+
+
+def llama_features(facts: dict) -> list[str] | None:
+    """The CPU features the device's llama.cpp was built with (llama_print_system_info's "X = 1"), None if the
+    python there has no llama_cpp."""
+    info = (facts.get("python") or {}).get("llama_system_info")
+    if not info:
+        return None
+    return [m[1] for m in re.finditer(r"([A-Z0-9_]+) = 1\b", info)]
+
+
+def llama_has_amx(facts: dict) -> bool:
+    return "AMX_INT8" in (llama_features(facts) or [])
 
 
 def _memory_notes(facts: dict, model_bytes: int | None) -> list[str]:
@@ -215,11 +235,11 @@ def probe(conn, folder: str, python: str = "python3") -> dict:
 
 def diagnose(facts: dict, model_bytes: int | None = None) -> dict:
     """Facts plus the advice: suggested quant, llama.cpp build flags, warnings (what `pistill doctor` prints)."""
-    from .provision import cmake_args
+    from .provision import build_env, cmake_args
 
     quant = recommend_quant(facts)
     return {"facts": facts, "quant": quant and {"type": quant[0], "why": quant[1]},
-            "cmake_args": cmake_args(facts), "warnings": advise(facts, model_bytes)}
+            "cmake_args": cmake_args(facts), "build_env": build_env(facts), "warnings": advise(facts, model_bytes)}
 
 
 def _yes_no(v: bool | None) -> str:
@@ -247,5 +267,6 @@ def rows(target: str, d: dict) -> list[tuple[str, str]]:
         ("throttled", f"{f['throttled']} ({', '.join(f['throttled_flags']) or 'never'})" if f.get("throttled")
          else "–"),
         ("suggested quant", f"{d['quant']['type']}: {d['quant']['why']}" if d["quant"] else "– (not an ARM board)"),
-        ("llama.cpp CMAKE_ARGS", d["cmake_args"] or "– (default build)"),
+        ("llama.cpp build", ", ".join(feats) if (feats := llama_features(f)) is not None else "– (not installed)"),
+        ("llama.cpp build flags", " ".join(d["build_env"])),
     ]

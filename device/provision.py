@@ -11,6 +11,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+from pistill.llama_build import NO_AMX
+
 from .doctor import PY_PROBE
 from .target import Connection, TargetError, describe
 
@@ -50,13 +52,22 @@ def llama_arch(facts: dict) -> str | None:
 
 
 def cmake_args(facts: dict, llama_cpp_lib: str = "") -> str:
-    """CMAKE_ARGS for building llama-cpp-python on the device."""
+    """CMAKE_ARGS for building llama-cpp-python on the device (x86 adds CFLAGS: see `build_env`)."""
     args = []
     if arch := llama_arch(facts):  # an explicit arch, not -march=native: reproducible and right on every Pi
         args += ["-DGGML_NATIVE=OFF", f"-DGGML_CPU_ARM_ARCH={arch}"]
     if llama_cpp_lib:  # the user's own libllama.so: build only the bindings
         args.append("-DLLAMA_BUILD=OFF")
     return " ".join(args)
+
+
+def build_env(facts: dict, llama_cpp_lib: str = "") -> list[str]:
+    """`env` assignments for the device's llama-cpp-python build: CMAKE_ARGS, and on an x86 device the flags that
+    keep llama.cpp's AMX kernels out (they crash on Q4_0 files; pistill/llama_build.py)."""
+    env = [f"CMAKE_ARGS={cmake_args(facts, llama_cpp_lib)}"]
+    if facts.get("machine") in ("x86_64", "amd64"):
+        env += [f"CFLAGS={NO_AMX}", f"CXXFLAGS={NO_AMX}"]
+    return env
 
 
 def missing(packages: dict | None, runtimes: list[str]) -> list[str]:
@@ -74,7 +85,7 @@ def install_commands(venv: str, need: list[str], facts: dict, llama_cpp_lib: str
         if runtime != "llama_cpp":
             cmds.append([pip, "install", *reqs])
             continue
-        env = ["env", f"CMAKE_ARGS={cmake_args(facts, llama_cpp_lib)}", "FORCE_CMAKE=1",
+        env = ["env", *build_env(facts, llama_cpp_lib), "FORCE_CMAKE=1",
                f"CMAKE_BUILD_PARALLEL_LEVEL={facts.get('cores') or 1}"]
         cmds.append([*env, pip, "install", "-v", "--no-cache-dir", "--no-binary", "llama-cpp-python", *reqs])
     return cmds

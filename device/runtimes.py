@@ -92,6 +92,7 @@ class LlamaCppRuntime:
         computes in F32 throughout, as export verification needs)."""
         import llama_cpp
 
+        _check_llama_build()
         if kv_type not in ("f16", "f32"):
             raise ValueError(f"kv_type '{kv_type}' is not supported; use f16 or f32")
         # llama.cpp's own default (F16) passes no argument, so an older llama-cpp-python on a device works too
@@ -122,6 +123,16 @@ class LlamaCppRuntime:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _check_llama_build() -> None:
+    """Under pistill, stop with one line if this llama.cpp build crashes on Q4_0 (probed in a child process once per
+    build); standalone on a device the agent's caller reports a crash by its signal instead."""
+    try:
+        from pistill.llama_build import ensure_works
+    except ImportError:
+        return
+    ensure_works()
 
 
 @register("onnxruntime")

@@ -123,3 +123,26 @@ def test_cli_doctor_local():
     p = subprocess.run([sys.executable, "-m", "pistill.cli", "doctor", "local", "--json"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and json.loads(p.stdout)["facts"]["cores"] >= 1
+
+
+AMX_INFO = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | REPACK = 0 |"
+
+
+@pytest.mark.parametrize("info, amx", [(AMX_INFO, True), (AMX_INFO.replace("AMX_INT8 = 1", "AMX_INT8 = 0"), False)])
+def test_llama_build_features_and_amx_warning(info, amx):
+    py = json.loads(PY)
+    py["llama_system_info"] = info
+    f = doctor.parse(output(machine="x86_64", model="", cpuinfo=X86_CPUINFO, dpkg="amd64", python=json.dumps(py)))
+    assert ("AMX_INT8" in doctor.llama_features(f)) is amx and "REPACK" not in doctor.llama_features(f)
+    notes = [n for n in doctor.advise(f) if "AMX" in n]
+    assert bool(notes) is amx and (not notes or "python -m pistill.llama_build --force" in notes[0])
+    row = dict(doctor.rows("local", doctor.diagnose(f)))["llama.cpp build"]
+    assert row.startswith("SSE3, AVX2, AVX512")
+    assert "-mno-amx-int8" in dict(doctor.rows("local", doctor.diagnose(f)))["llama.cpp build flags"]
+
+
+def test_local_doctor_reports_this_llama_build():
+    """The real probe of this machine: the venv's llama.cpp is the no-AMX build."""
+    f = doctor.probe(None, "~/.cache/pistill", sys.executable)
+    feats = doctor.llama_features(f)
+    assert feats and "AMX_INT8" not in feats and not doctor.llama_has_amx(f)

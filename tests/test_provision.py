@@ -117,3 +117,10 @@ class NoPython:
 def test_device_without_python3_is_a_clear_error():
     with pytest.raises(P.ProvisionError, match=r"pi@bare: python3 is not installed; install it on the device"):
         P.plan(NoPython(), PI5, ["llama_cpp"], "", "~/.cache/pistill")
+
+
+@pytest.mark.parametrize("facts, amx_flags", [(X86, True), (PI5, False), (PI4, False)])
+def test_x86_devices_build_llama_cpp_without_amx(facts, amx_flags):
+    cmd = P.install_commands("/v", ["llama_cpp"], facts, "", True)[0]
+    assert ("CFLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in cmd) is amx_flags
+    assert ("CXXFLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in cmd) is amx_flags
