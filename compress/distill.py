@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,11 +17,18 @@ from typing import ClassVar
 import numpy as np
 
 from pistill.artifact import Artifact, ArtifactWriter, config_dict, input_key
+from pistill.errors import InputError, UserError
+from pistill.rundir import clean_stale, make_dir
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.jsonl"
+_STATE_KEYS = ("step", "key", "model", "optimizer", "scheduler", "rng", "cuda_rng")  # a checkpoint's contents
+
+
+class DivergedError(UserError, RuntimeError):
+    """The training loss turned NaN or infinite; nothing was saved after the last finite checkpoint."""
 
 
 # --- losses: pure functions ---------------------------------------------------------------------------------------
@@ -121,7 +129,7 @@ def distill_loss(student_logits, teacher_logits, labels, alpha: float, temperatu
 class DistillConfig:
     """The distillation run: optimizer, schedule, loss, evaluation and checkpoints."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     steps: int = 40  # optimizer steps
     batch_size: int = 4  # blocks per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -143,6 +151,8 @@ class DistillConfig:
     grad_checkpointing: str = "auto"  # recompute activations in backward: auto (on CUDA only) | on | off
     student: str = ""  # "": the prune stage's model; else any HF folder, .gguf file or hub id with the teacher's
     #                    tokenizer (its weights are the starting point)
+    qat: str = "none"  # fake-quantize the student late in training in an export's 4-bit layout: none | q4_0 | int4
+    qat_start: float = 0.5  # QAT from this fraction of the steps on; the saved weights are then on that 4-bit grid
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_blocks"):
@@ -167,6 +177,13 @@ class DistillConfig:
             raise ValueError(f"grad_checkpointing = {self.grad_checkpointing!r} is not one of auto, on, off")
         if self.weight_decay < 0 or self.clip < 0:
             raise ValueError(f"weight_decay = {self.weight_decay} and clip = {self.clip} must be >= 0")
+        from .qat import QAT_CHOICES
+
+        if self.qat not in QAT_CHOICES:
+            raise ValueError(f"qat '{self.qat}' is not supported; use one of {', '.join(QAT_CHOICES)} (q4_0 for the "
+                             "GGUF export, int4 for the ONNX one)")
+        if not 0.0 <= self.qat_start < 1.0:
+            raise ValueError(f"qat_start = {self.qat_start} must be in [0, 1): the fraction of the steps before QAT")
 
     def validate_paths(self) -> None:
         """Fail fast (no weights loaded) when a `student` source cannot be found."""
@@ -206,17 +223,42 @@ def save_checkpoint(path: Path, student, opt, sched, step: int, key: str) -> Non
              "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old file or the new one
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, student, opt, sched, key: str) -> int:
-    """Restore a checkpoint written for the same inputs and config; the step to resume from (0: none)."""
+def read_checkpoint(path: Path) -> dict | None:
+    """A checkpoint's state, or None when the file is damaged (truncated, not a checkpoint): then it is moved
+    aside to `<name>.damaged-<time>` with a warning naming it, and the stage starts over."""
+    import pickle
+
     import torch
 
-    if not path.is_file():
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and all(k in state for k in _STATE_KEYS) and isinstance(state["step"], int):
+            return state
+        problem = "it is not a pistill checkpoint"
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:  # truncated zip, bad pickle
+        problem = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(path, aside)
+    log.warning("distill: %s is damaged (%s); moved it to %s and starting this stage from step 0", path, problem,
+                aside.name)
+    return None
+
+
+def load_checkpoint(path: Path, student, opt, sched, key: str) -> int:
+    """Restore a checkpoint written for the same inputs and config; the step to resume from (0: none, or a damaged
+    file, moved aside)."""
+    import torch
+
+    state = read_checkpoint(path) if path.is_file() else None
+    if state is None:
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
     if state["key"] != key:
         log.warning("distill: %s belongs to another config or inputs; starting from step 0", path)
         return 0
@@ -230,6 +272,24 @@ def load_checkpoint(path: Path, student, opt, sched, key: str) -> int:
     return state["step"]
 
 
+def read_log(path: Path) -> list[dict]:
+    """The rows of a JSONL training log; a damaged line (half-written, not a row) is dropped with a warning naming
+    the file and the line, and the steps it held are redone."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            log.warning("distill: %s line %d is damaged; dropped it (its step is redone)", path, n)
+            continue
+        rows.append(row)
+    return rows
+
+
 class TrainLog:
     """JSONL training log kept beside the checkpoint; rows after the resumed step are dropped (they are redone)."""
 
@@ -237,16 +297,20 @@ class TrainLog:
         self.path = path
         self.rows: list[dict] = []
         if path is not None and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in rows if r["step"] <= resume_step]
-        if path is not None:
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            self.rows = [r for r in read_log(path) if r["step"] <= resume_step]
+        if path is not None:  # atomically: a kill leaves the old log or the new one
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            os.replace(tmp, path)
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if self.path is not None:  # one write(2) of the whole line: a killed process writes all of it or none
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(row) + "\n").encode())
+            finally:
+                os.close(fd)
 
     def summary(self) -> dict:
         train = [r for r in self.rows if "loss" in r]
@@ -316,9 +380,12 @@ def load_topk_cache(work_dir: Path | None, teacher, blocks: np.ndarray, cfg: Dis
     k = min(cfg.teacher_topk, teacher.config.vocab_size)
     path = None if work_dir is None else work_dir / f"teacher_top{k}.npz"
     if path is not None and path.is_file():
-        with np.load(path) as z:
-            if str(z["key"]) == key and z["ids"].shape[0] == len(blocks):
-                return z["ids"], z["logp"]
+        try:
+            with np.load(path) as z:
+                if str(z["key"]) == key and z["ids"].shape[0] == len(blocks):
+                    return z["ids"], z["logp"]
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # damaged: computed again
+            log.warning("distill: %s is damaged (%s); computing the teacher's top-k again", path, type(e).__name__)
     ids, logp = teacher_topk(teacher, blocks, k, cfg.batch_size)
     if path is not None and write:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -376,6 +443,18 @@ def _train_step(student, teacher, blocks: np.ndarray, step: int, opt, sched, cfg
     return {"loss": total, "grad_norm": float(norm)}
 
 
+def check_finite(row: dict, cfg: DistillConfig, ckpt: Path | None) -> None:
+    """Stop (DivergedError) when a step's loss or gradient norm is NaN or infinite: the student is ruined, and
+    saving it would only move the failure to the export."""
+    if math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]):
+        return
+    kept = f"the checkpoint {ckpt} of an earlier step is kept" if ckpt is not None and ckpt.is_file() else \
+        "nothing was saved"
+    raise DivergedError(f"distill: step {row['step']} has loss {row['loss']:.4g} and gradient norm "
+                        f"{row['grad_norm']:.4g}: training diverged; lower [distill] lr (now {cfg.lr:g}) or set "
+                        f"clip (now {cfg.clip:g}), or check the teacher's logits; {kept}")
+
+
 def evaluate_loss(student, teacher, heldout: np.ndarray, cfg: DistillConfig) -> float:
     """Mean distillation loss on held-out blocks, one block at a time."""
     import torch
@@ -408,7 +487,8 @@ def _resume(work_dir: Path | None, student, opt, sched, key: str,
     if work_dir is None:
         return None, 0, TrainLog(None, 0)
     if main:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(work_dir)
+        clean_stale(work_dir, "*.tmp-*")  # a killed run's half-written checkpoint, log or top-k cache
     start = load_checkpoint(work_dir / CHECKPOINT, student, opt, sched, key)
     return (work_dir / CHECKPOINT, start, TrainLog(work_dir / TRAIN_LOG, start)) if main else \
         (None, start, TrainLog(None, start))
@@ -425,6 +505,25 @@ def _progress(show: bool = True):
                     console=Console(stderr=True), disable=not show)  # stdout is for a command's output
 
 
+def qat_switch(student, cfg: DistillConfig, step: int) -> None:
+    """Turn fake quantization (`cfg.qat`) on at the first step that trains with it, or at once on resuming later."""
+    from . import qat
+
+    if cfg.qat != "none" and step >= qat.start_step(cfg.steps, cfg.qat_start) and not qat.is_enabled(student):
+        n = qat.enable(student, cfg.qat)
+        log.info("distill: from step %d, %d weight matrices are fake-quantized as %s (QAT)", step + 1, n, cfg.qat)
+
+
+def qat_summary(student, cfg: DistillConfig) -> dict:
+    """Bake the fake-quantized weights into the student (plain modules again); what the summary records of QAT."""
+    from . import qat
+
+    if cfg.qat == "none":
+        return {}
+    qat.disable(student, bake=True)
+    return {"qat": cfg.qat, "qat_from_step": qat.start_step(cfg.steps, cfg.qat_start) + 1}
+
+
 def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: DistillConfig,
           work_dir: Path | None = None, key: str = "") -> dict:
     """Distil `teacher` into `student` (in place) on `blocks` (N, T); summary of the run (`TrainLog.summary`).
@@ -433,6 +532,7 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
     Launched as several processes (`distributed`), the student is wrapped in DDP: each step takes
     batch_size x grad_accum blocks on every rank, and only the main process logs and checkpoints.
     With cfg.teacher_topk, the teacher runs once per block up front and its top-k is cached in `work_dir`.
+    With cfg.qat, the last steps train through fake-quantized weights, which the student keeps at the end.
     """
     import torch
 
@@ -453,12 +553,15 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
     model = dist.prepare_model(student) if dist else student  # DDP shares the student's parameters
     tokens = cfg.batch_size * cfg.grad_accum * blocks.shape[1] * (dist.num_processes if dist else 1)
     student.train()
+    qat_switch(student, cfg, start)
     with _progress(show=main) as bar:
         task = bar.add_task("distill", total=cfg.steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start, cfg.steps):
+            qat_switch(student, cfg, step)
             t0, lr = time.perf_counter(), sched.get_last_lr()[0]  # the lr this step uses
             row = {"step": step + 1, **_train_step(model, teacher, blocks, step, opt, sched, cfg, dist, cache),
                    "lr": lr, "tokens": tokens, "step_s": time.perf_counter() - t0}
+            check_finite(row, cfg, ckpt)
             tlog.add(row | {"tokens_per_s": tokens / row["step_s"]})
             bar.update(task, advance=1, loss=row["loss"], tps=tokens / row["step_s"])
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # every rank: see the top-k cache
@@ -470,7 +573,7 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
     if recompute:
         student.gradient_checkpointing_disable()
     student.eval()
-    return tlog.summary()
+    return tlog.summary() | qat_summary(student, cfg)
 
 
 # --- the stage ----------------------------------------------------------------------------------------------------
@@ -484,12 +587,12 @@ def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:
         va, vb = load_tokenizer(teacher_dir).get_vocab(), load_tokenizer(student_dir).get_vocab()
         if va != vb:
             diff = sorted(set(va.items()) ^ set(vb.items()), key=lambda kv: kv[1])[:3]
-            raise ValueError(f"the teacher ({teacher_dir}, {len(va)} tokens) and the student ({student_dir}, "
+            raise InputError(f"the teacher ({teacher_dir}, {len(va)} tokens) and the student ({student_dir}, "
                              f"{len(vb)} tokens) have different tokenizers, e.g. {diff}; distillation needs one "
                              "vocabulary: start the student from the teacher (the prune stage) or share its tokenizer")
     vt, vs = read_config(teacher_dir)["vocab_size"], read_config(student_dir)["vocab_size"]
     if vt != vs:
-        raise ValueError(f"teacher vocab_size {vt} != student vocab_size {vs}: the logits cannot be compared; "
+        raise InputError(f"teacher vocab_size {vt} != student vocab_size {vs}: the logits cannot be compared; "
                          "start the student from the teacher (the prune stage)")
 
 
@@ -499,7 +602,7 @@ def training_blocks(data: Artifact, vocab_size: int) -> tuple[np.ndarray, np.nda
 
     blocks, heldout = load_blocks(data, "train"), load_blocks(data, "heldout")
     if max(blocks.max(), heldout.max()) >= vocab_size:
-        raise ValueError(f"the data holds token ids >= the student's vocab_size {vocab_size}; it was built with "
+        raise InputError(f"the data holds token ids >= the student's vocab_size {vocab_size}; it was built with "
                          "another tokenizer: rebuild the data artifact from this teacher")
     return blocks, heldout
 
@@ -521,7 +624,7 @@ def run(inputs: list[Artifact], cfg: DistillConfig, out: Path) -> Artifact:
     from .quantize import load_teacher
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("the distill stage writes its artifact from one process; to train on several, launch "
+        raise InputError("the distill stage writes its artifact from one process; to train on several, launch "
                          "compress/distill_launch.py with accelerate launch or torchrun")
     teacher_a, student_a, data = inputs
     t_dir = teacher_a.model_path()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
+from pistill.errors import InputError
 
 from .importance import get_scorer
 from .shapes import Shape, budget_shape, param_count, parse_params, round_to, teacher_shape
@@ -84,7 +85,7 @@ def kept_width(ffn_dim: int, cfg: PruneConfig) -> int:
     """The MLP width after pruning: cfg.ffn_dim, or ffn_ratio * ffn_dim rounded to a multiple of cfg.step."""
     if cfg.ffn_dim is not None:
         if cfg.ffn_dim > ffn_dim:
-            raise ValueError(f"ffn_dim = {cfg.ffn_dim} is wider than the teacher's MLP ({ffn_dim}); "
+            raise InputError(f"ffn_dim = {cfg.ffn_dim} is wider than the teacher's MLP ({ffn_dim}); "
                              f"use a value up to {ffn_dim}")
         return cfg.ffn_dim
     return min(round_to(cfg.ffn_ratio * ffn_dim, cfg.step), ffn_dim)  # full width when rounding overshoots
@@ -96,11 +97,11 @@ def target_shape(hf: dict, cfg: PruneConfig) -> Shape:
     for name, value in (("n_layer", cfg.n_layer), ("hidden", cfg.hidden), ("n_heads", cfg.n_heads),
                         ("kv_heads", cfg.kv_heads)):
         if value is not None and value > getattr(t, name):
-            raise ValueError(f"{name} = {value} is more than the teacher's {getattr(t, name)}; use at most that")
+            raise InputError(f"{name} = {value} is more than the teacher's {getattr(t, name)}; use at most that")
     kv = cfg.kv_heads or t.kv_heads
     n_heads = cfg.n_heads or (t.n_heads // t.kv_heads * kv)
     if n_heads % kv or n_heads // kv > t.n_heads // t.kv_heads:
-        raise ValueError(f"n_heads = {n_heads} with kv_heads = {kv}: each kv head can keep at most its "
+        raise InputError(f"n_heads = {n_heads} with kv_heads = {kv}: each kv head can keep at most its "
                          f"{t.n_heads // t.kv_heads} query heads and all the same number; use a multiple of {kv} "
                          f"up to {t.n_heads // t.kv_heads * kv}")
     base = replace(t, n_layer=cfg.n_layer or t.n_layer, hidden=cfg.hidden or t.hidden, n_heads=n_heads, kv_heads=kv)
@@ -108,7 +109,7 @@ def target_shape(hf: dict, cfg: PruneConfig) -> Shape:
         return replace(base, ffn_dim=kept_width(t.ffn_dim, cfg))
     budget = parse_params(cfg.target_params)
     if budget >= param_count(t, hf):
-        raise ValueError(f"target_params = {cfg.target_params!r} is not below the teacher's "
+        raise InputError(f"target_params = {cfg.target_params!r} is not below the teacher's "
                          f"{param_count(t, hf)} parameters; use a smaller budget")
     return budget_shape(base, t, hf, budget, cfg.step, fixed_hidden=cfg.hidden is not None)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
+
+from pistill.errors import InputError
 
 BUDGET_TOLERANCE = 0.02  # a parameter budget is met within 2%
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
@@ -49,7 +52,10 @@ def parse_params(value: str | int) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(value))
     if not m:
         raise ValueError(f"target_params = {value!r} is not a parameter count; use an int or a string like \"60M\"")
-    return int(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
+    count = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    if not math.isfinite(count):
+        raise ValueError(f"target_params = {value!r} is not a finite parameter count; use a string like \"60M\"")
+    return int(count)
 
 
 def round_to(x: float, step: int) -> int:
@@ -79,6 +85,6 @@ def budget_shape(base: Shape, teacher: Shape, hf: dict, budget: int, step: int, 
             met.append((-gap, s))
     if met:
         return min(met, key=lambda e: e[0])[1]
-    raise ValueError(f"target_params = {budget} cannot be met within 2% with widths in multiples of {step} "
+    raise InputError(f"target_params = {budget} cannot be met within 2% with widths in multiples of {step} "
                      f"(closest: {param_count(best[1], hf)} params at {best[1]}); fix: lower multiple_of, "
                      "or set n_layer / hidden / ffn_dim yourself")

@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from pistill.errors import InputError
+
 WEIGHT_SCORES: dict[str, Callable] = {}  # method -> fn(model, blocks (N, T), ) -> {Linear: score (O, I)}
 
 
@@ -121,7 +123,7 @@ def sparsify(model, blocks: np.ndarray, method: str, sparsity: float = 0.0, nm: 
         if nm:
             n, m = parse_nm(nm)
             if score.shape[1] % m:
-                raise ValueError(f"nm = {nm!r}: input width {score.shape[1]} is not a multiple of {m}")
+                raise InputError(f"nm = {nm!r}: input width {score.shape[1]} is not a multiple of {m}")
             mask = nm_mask(score, n, m)
         else:
             mask = row_mask(score, sparsity)

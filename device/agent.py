@@ -9,6 +9,8 @@ prompt. Figures are medians over `--repeats` timed runs after `--warmup` untimed
 rest between runs; decode latency percentiles pool every timed step. Each `--threads` count loads the model
 afresh (`sweep`); the top-level figures are those of the first count. A memory-copy probe (`--bandwidth-mb`) gives
 the bandwidth that bounds decode: `decode_bw_fraction` = model bytes x decode tok/s / copy bandwidth.
+`load` records the machine's load (load averages, CPU used by other work, the busiest other processes) before,
+during and after the model, and `load.busy` says why the figures were taken on a busy machine (None: quiet).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ try:
 except ImportError:  # standalone on the device: runtimes.py sits beside this file
     import runtimes
 
-SCHEMA_VERSION = 2  # 2: thread sweep, memory bandwidth, throttle flags
+SCHEMA_VERSION = 3  # 2: thread sweep, memory bandwidth, throttle flags; 3: machine load (`load`)
 PROMPT_TEXT = (  # fixed English text, tokenized by the runtime and cycled to the wanted length
     "The Raspberry Pi is a series of small single-board computers developed in the United Kingdom. "
     "It is widely used in education, robotics and home automation because it is cheap, quiet and draws "
@@ -46,6 +48,11 @@ THROTTLE_BITS = {  # `vcgencmd get_throttled` bits (Raspberry Pi firmware)
     16: "under-voltage has occurred", 17: "ARM frequency capping has occurred", 18: "throttling has occurred",
     19: "soft temperature limit has occurred",
 }
+PROC = Path("/proc")  # Linux: /proc/stat (CPU time of the whole machine) and /proc/<pid>/stat (per process)
+LOAD_WINDOW_S = 0.5  # each load sample watches the machine this long while the agent itself idles
+BUSY_PROCESS_CORES = 0.25  # another process using this much of a core or more is listed as busy
+BUSY_MIN_CORES = 0.5  # other work using max(this, BUSY_SHARE x cores) cores makes the machine busy
+BUSY_SHARE = 0.25
 
 
 class AgentError(Exception):
@@ -203,6 +210,94 @@ def thermal_state() -> dict:
             "throttled_flags": throttle_flags(state)}
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine since boot (/proc/stat); None off Linux."""
+    try:
+        head = (PROC / "stat").read_text().split("\n", 1)[0].split()
+        ticks = [int(x) for x in head[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
+    except (OSError, ValueError):
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # steal counts as busy: another VM had the core
+
+
+def own_cpu_s() -> float:
+    """CPU seconds used by this process (all its threads) and its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def cpu_clock() -> dict:
+    return {"t": time.monotonic(), "ticks": cpu_ticks(), "own_s": own_cpu_s()}
+
+
+def other_cores(a: dict, b: dict) -> float | None:
+    """Cores used on average by everything but this process between two `cpu_clock`s; None without /proc."""
+    if a["ticks"] is None or b["ticks"] is None:
+        return None
+    busy, total, wall = b["ticks"][0] - a["ticks"][0], b["ticks"][1] - a["ticks"][1], b["t"] - a["t"]
+    if total <= 0 or wall <= 0:
+        return None
+    machine = busy / total * (os.cpu_count() or 1)
+    return round(max(0.0, machine - (b["own_s"] - a["own_s"]) / wall), 3)
+
+
+def process_ticks() -> dict[int, tuple[str, int]]:
+    """{pid: (name, user + system ticks)} of every process this one can see, except itself ({} off Linux)."""
+    found = {}
+    for d in PROC.glob("[0-9]*"):
+        try:
+            name, _, rest = (d / "stat").read_text().partition(" (")[2].rpartition(") ")
+            fields = rest.split()  # from field 3 (state) on: utime and stime are fields 14 and 15
+            found[int(d.name)] = (name, int(fields[11]) + int(fields[12]))
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not a process folder
+            continue
+    found.pop(os.getpid(), None)
+    return found
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def load_sample(window_s: float = LOAD_WINDOW_S) -> dict:
+    """The machine while this process idles `window_s`: load averages, cores used by other work, and the other
+    processes using a quarter core or more (busiest first, at most five)."""
+    a, procs = cpu_clock(), process_ticks()
+    time.sleep(window_s)
+    b, later = cpu_clock(), process_ticks()
+    wall, hz = b["t"] - a["t"], os.sysconf("SC_CLK_TCK")
+    use = [{"pid": p, "name": n, "cores": round((t - procs[p][1]) / hz / wall, 2)}
+           for p, (n, t) in later.items() if p in procs]
+    busy = sorted((u for u in use if u["cores"] >= BUSY_PROCESS_CORES), key=lambda u: -u["cores"])
+    return {"loadavg": loadavg(), "other_cores": other_cores(a, b), "busy_processes": busy[:5],
+            "busy_count": len(busy)}
+
+
+def busy_reason(load: dict, threads: int) -> str | None:
+    """Why the figures were taken on a busy machine, or None when it was quiet.
+
+    Busy: other work used max(BUSY_MIN_CORES, BUSY_SHARE x cores) cores or more on average while the model ran,
+    or in both the samples before and after it (one short spike is not enough); or the 1-minute load average
+    before it exceeded the cores plus the agent's own threads (a previous model adds at most those)."""
+    cores = load["cores"] or 1
+    before, after = load["before"], load["after"]
+    seen = [load["during"]["other_cores"]]
+    if before["other_cores"] is not None and after["other_cores"] is not None:
+        seen.append(min(before["other_cores"], after["other_cores"]))  # there before and still there after
+    others = max((x for x in seen if x is not None), default=None)
+    if others is not None and others >= max(BUSY_MIN_CORES, BUSY_SHARE * cores):
+        procs = {p["pid"]: p for p in after["busy_processes"] + before["busy_processes"]}.values()
+        names = ", ".join(f"{p['name']} {p['cores']:.1f}" for p in sorted(procs, key=lambda p: -p["cores"])[:3])
+        return f"other work used {others:.1f} of {cores} cores while it ran" + (f" ({names})" if names else "")
+    load1 = (before["loadavg"] or [0.0])[0]
+    if load1 > cores + threads:
+        return f"the 1-minute load average was {load1:.1f} on {cores} cores before it ran"
+    return None
+
+
 def bandwidth(mb: int, threads: int, repeats: int = 3) -> dict:
     """Memory-copy bandwidth: bytes read plus written per second copying an `mb` MB buffer split over `threads`
     threads (numpy releases the GIL while copying), best of `repeats`. Decode streams every weight once per
@@ -255,13 +350,19 @@ def run_at(args: argparse.Namespace, lengths: list[int], threads: int) -> tuple[
 
 def benchmark(args: argparse.Namespace, lengths: list[int], threads: list[int]) -> dict:
     before, sweep, version = thermal_state(), [], None
+    load = {"cores": os.cpu_count(), "before": load_sample()}
+    t0 = cpu_clock()
     for i, n in enumerate(threads):
         if i:
             time.sleep(args.cooldown_s)
         entry, version = run_at(args, lengths, n)
         sweep.append(entry)
+    t1 = cpu_clock()
     rss = peak_rss_mb()  # before the bandwidth probe's buffers
     after = thermal_state()
+    load |= {"during": {"other_cores": other_cores(t0, t1), "wall_s": round(t1["t"] - t0["t"], 3)},
+             "after": load_sample()}
+    load["busy"] = busy_reason(load, max(threads))
     bw = bandwidth(args.bandwidth_mb, threads[0]) if args.bandwidth_mb else None
     size = model_bytes(Path(args.model))
     for entry in sweep:
@@ -274,7 +375,7 @@ def benchmark(args: argparse.Namespace, lengths: list[int], threads: list[int]) 
                      "gen_tokens": args.gen_tokens, "repeats": args.repeats, "warmup": args.warmup,
                      "cooldown_s": args.cooldown_s, "bandwidth_mb": args.bandwidth_mb},
         **sweep[0], "sweep": sweep, "peak_rss_mb": rss, "bandwidth": bw,
-        "thermal": {"before": before, "after": after},
+        "thermal": {"before": before, "after": after}, "load": load,
     }
 
 

@@ -11,20 +11,25 @@ import json
 import logging
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pistill.artifact import Artifact
+from pistill.artifact import Artifact, sha256_file
 
 from . import doctor, provision, transfer
-from .bench import AGENT, AGENT_FILES, BenchConfig, agent_args, agent_json, bench_model, summary
+from .bench import (AGENT, AGENT_FILES, POLL_S, BenchConfig, BenchInterrupted, agent_args, agent_json, bench_model,
+                    interrupted_lines, log_result, models, summary)
 from .runtimes import runtime_for_format
-from .target import LOCAL, RemoteTimeout, TargetError, connect, exit_reason, last_line, parse_target
+from .target import (LOCAL, Interrupted, RemoteTimeout, TargetError, connect, exit_reason, last_line,
+                     parse_target)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUANT = "Q4_0"  # for HF models on a device when the run has no GGUF artifact
+STOP_GRACE_S = 30  # after Ctrl-C, how long the devices get to kill their agents and hang up
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class Job:
     runtime: str
     files: dict[str, Path]  # name in the device's tree -> local file
     model: str  # relative to the tree: a file name, or "." for the folder itself
-    sha256s: dict[str, str] = field(default_factory=dict)  # known hashes (from the manifest), saves re-reading
+    sha256s: dict[str, str] = field(default_factory=dict)  # the files' hashes, read now (see `fresh_hashes`)
     note: str | None = None  # e.g. "as GGUF Q4_0" when converted for the device
 
 
@@ -43,7 +48,7 @@ def device_quant(inputs: list[Artifact]) -> str:
     """The llama.cpp type HF models are converted to: the GGUF artifact's model type."""
     from pistill.report import gguf_quant
 
-    gguf = next((a for a in inputs if a.model and a.model.get("format") == "gguf"), None)
+    gguf = next((a for a in inputs if a.stage == "gguf" and a.model), None)  # the student's, not the baseline
     return (gguf_quant(gguf.manifest) if gguf else None) or DEFAULT_QUANT
 
 
@@ -70,24 +75,40 @@ def is_bitsandbytes(folder: Path) -> bool:
         return False
 
 
+def fresh_hashes(a: Artifact, files: dict[str, Path], known: dict[str, str]) -> dict[str, str]:
+    """sha256 of each file read now (the device copy is checked against these), and the same as the artifact's
+    manifest says where it names the file: a file changed after its stage wrote it is not benchmarked."""
+    fresh = {}
+    for name, path in files.items():
+        fresh[name] = sha256_file(path)
+        if known.get(name) not in (None, fresh[name]):
+            raise ValueError(f"{path} changed after the {a.stage} stage wrote it (sha256 {fresh[name][:12]}..., "
+                             f"its manifest says {known[name][:12]}...); rerun that stage (--force {a.stage})")
+    return fresh
+
+
 def make_job(a: Artifact, cfg: BenchConfig, quant: str) -> Job:
     """A Job for one artifact; raises ValueError / RuntimeError with the reason it cannot run on a device."""
     model, fmt = a.model_path(), a.model["format"]
     known = {name: f["sha256"] for name, f in a.manifest.get("files", {}).items()}
     if fmt == "gguf":
-        return Job(a.stage, "llama_cpp", {model.name: model}, model.name, {model.name: known.get(a.model["file"])})
+        files = {model.name: model}
+        return Job(a.stage, "llama_cpp", files, model.name,
+                   fresh_hashes(a, files, {model.name: known.get(a.model["file"])}))
     if fmt == "onnx":
         files = transfer.folder_files(model)
-        return Job(a.stage, "onnxruntime", files, ".", _rebase(known, a.path, model))
+        return Job(a.stage, "onnxruntime", files, ".", fresh_hashes(a, files, _rebase(known, a.path, model)))
     if is_bitsandbytes(model):
         raise ValueError("bitsandbytes weights (the quantized distillation teacher) run on CUDA only; "
                          "not benchmarked on devices")
     if cfg.hf_on_device == "skip":
         raise ValueError("HF model skipped on devices (hf_on_device = \"skip\")")
     if cfg.hf_on_device == "torch":
-        return Job(a.stage, runtime_for_format(fmt), transfer.folder_files(model), ".", _rebase(known, a.path, model))
+        files = transfer.folder_files(model)
+        return Job(a.stage, runtime_for_format(fmt), files, ".", fresh_hashes(a, files, _rebase(known, a.path, model)))
     path = device_gguf(a, quant)
-    return Job(a.stage, "llama_cpp", {path.name: path}, path.name, note=f"as GGUF {quant}")
+    return Job(a.stage, "llama_cpp", {path.name: path}, path.name, fresh_hashes(a, {path.name: path}, {}),
+               note=f"as GGUF {quant}")
 
 
 def _rebase(known: dict[str, str], root: Path, folder: Path) -> dict[str, str]:
@@ -101,16 +122,16 @@ def _rebase(known: dict[str, str], root: Path, folder: Path) -> dict[str, str]:
 def make_jobs(inputs: list[Artifact], cfg: BenchConfig) -> dict[str, Job | dict]:
     """A Job per model artifact, or `{"error": ...}` for one that cannot go to a device."""
     quant, jobs = device_quant(inputs), {}
-    for a in inputs:
+    for key, a in models(inputs):
         try:
-            jobs[a.stage] = make_job(a, cfg, quant)
+            jobs[key] = make_job(a, cfg, quant)
         except (ValueError, RuntimeError, OSError) as e:  # no model, unknown format, conversion failed
-            jobs[a.stage] = {"error": str(e)}
+            jobs[key] = {"error": str(e)}
     return jobs
 
 
 def bench_job(conn, job: Job, agent_dir: str, plan: provision.Plan, cfg: BenchConfig, progress) -> dict:
-    """Upload one model and time it on the device with the agent."""
+    """Upload one model (a copy already there is checked by its hash first) and time it with the agent."""
     tree, _ = transfer.upload_tree(conn, job.files, cfg.remote_cache, progress, job.sha256s)
     model = tree if job.model == "." else f"{tree}/{job.model}"
     env = [f"{k}={v}" for k, v in plan.env.items()]
@@ -133,14 +154,17 @@ def agent_failure(rc: int, stderr: str) -> str:
     return f"agent {exit_reason(rc)}" + (f": {last}" if last else " and printed nothing")
 
 
-def bench_remote(spec: str, jobs: dict[str, Job | dict], cfg: BenchConfig, progress) -> dict:
-    """One SSH device: doctor facts, provisioning, then each model; the device's error if it fails."""
+def bench_remote(spec: str, jobs: dict[str, Job | dict], cfg: BenchConfig, progress, device: dict | None = None,
+                 stop: threading.Event | None = None) -> dict:
+    """One SSH device: doctor facts, provisioning, then each model, filling `device`; the device's error if it
+    fails. Once `stop` is set, the command running on the device is killed and the device ends as interrupted."""
     import paramiko
 
-    device: dict = {"results": {}}
+    device = {"results": {}} if device is None else device
     task = progress.add_task(f"{spec}: connecting", total=None)
     try:
         with connect(parse_target(spec)) as conn:
+            conn.stop = stop
             _on_device(conn, jobs, cfg, device, progress, task)
     except TargetError as e:
         device["error"] = str(e)
@@ -173,32 +197,70 @@ def _on_device(conn, jobs, cfg: BenchConfig, device: dict, progress, task) -> No
         say(f"bench {stage}")
         try:
             device["results"][stage] = bench_job(conn, job, agent_dir, plan, cfg, progress)
+        except Interrupted:
+            raise Interrupted(f"{conn.target}: interrupted while benchmarking {stage}; its agent was stopped") \
+                from None
         except transfer.TransferError as e:  # e.g. this model does not fit; smaller ones may
             if not conn.client.get_transport().is_active():
                 raise
             device["results"][stage] = {"error": str(e), "runtime": job.runtime}
+        log_result(conn.target.spec, stage, device["results"][stage])
 
 
-def bench_here(inputs: list[Artifact], cfg: BenchConfig, progress) -> dict:
+def bench_here(inputs: list[Artifact], cfg: BenchConfig, progress, device: dict | None = None,
+               stop: threading.Event | None = None) -> dict:
     """`local` inside a fleet: this machine, like `target = "local"`."""
-    task = progress.add_task("local: bench", total=len(inputs))
-    device = {"facts": doctor.probe(None, cfg.remote_cache, sys.executable), "results": {}}
-    for a in inputs:
-        device["results"][a.stage] = bench_model(a, cfg)
+    task = progress.add_task("local: bench", total=len(models(inputs)))
+    device = {"results": {}} if device is None else device
+    device["facts"] = doctor.probe(None, cfg.remote_cache, sys.executable)
+    for key, a in models(inputs):
+        try:
+            device["results"][key] = bench_model(a, cfg, stop)
+        except Interrupted:
+            device["error"] = f"local: interrupted while benchmarking {key}; its agent was stopped"
+            break
+        log_result(LOCAL, key, device["results"][key])
         progress.advance(task)
     progress.update(task, description=_device_line(LOCAL, device))
     return device
 
 
 def bench_fleet(inputs: list[Artifact], cfg: BenchConfig, specs: list[str], progress) -> dict[str, dict]:
-    """Every device in parallel; {spec: {"facts", "results": {stage: agent JSON or error}, "error"?}}."""
+    """Every device in parallel; {spec: {"facts", "results": {stage: agent JSON or error}, "error"?}}.
+
+    On Ctrl-C the devices kill their agents and stop; BenchInterrupted carries what they finished."""
     jobs = make_jobs(inputs, cfg) if any(s != LOCAL for s in specs) else {}
-    with ThreadPoolExecutor(max_workers=len(specs)) as pool:
-        futures = {s: pool.submit(bench_here, inputs, cfg, progress) if s == LOCAL
-                   else pool.submit(bench_remote, s, jobs, cfg, progress) for s in specs}
-        devices = {s: f.result() for s, f in futures.items()}
+    devices: dict[str, dict] = {s: {"results": {}} for s in specs}  # filled in place by each device's thread
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=len(specs))
+    futures = [pool.submit(bench_here, inputs, cfg, progress, devices[s], stop) if s == LOCAL
+               else pool.submit(bench_remote, s, jobs, cfg, progress, devices[s], stop) for s in specs]
+    try:
+        while wait(futures, timeout=POLL_S).not_done:  # a timed wait: Ctrl-C is seen at once
+            pass
+        for f in futures:
+            f.result()  # a bug in a device's thread surfaces here
+    except KeyboardInterrupt:
+        stop.set()
+        raise BenchInterrupted(_stopped(devices, futures, [key for key, _ in models(inputs)])) from None
+    finally:
+        pool.shutdown(wait=False)
     if all("error" in d for d in devices.values()):
         raise TargetError("no device could be benchmarked: " + "; ".join(d["error"] for d in devices.values()))
+    return devices
+
+
+def _stopped(devices: dict[str, dict], futures: list, stages: list[str]) -> dict[str, dict]:
+    """After Ctrl-C: give the devices STOP_GRACE_S to kill their agents, then say what finished."""
+    log.warning("interrupted: stopping the agents on %d device(s)", len(devices))
+    t0 = time.monotonic()
+    pending = wait(futures, timeout=STOP_GRACE_S).not_done
+    for spec, f in zip(devices, futures):
+        if f in pending:
+            devices[spec].setdefault("error", f"{spec}: interrupted; still stopping after {STOP_GRACE_S} s")
+    log.info("devices stopped in %.1f s", time.monotonic() - t0)
+    for line in interrupted_lines(devices, stages):
+        log.warning("bench interrupted: %s", line)
     return devices
 
 

@@ -120,6 +120,14 @@ class OrtLM:
             raise RuntimeError("decode() before prefill(); run the prompt first")
         return int(self._forward([token], self.cache)[-1].argmax())
 
+    def extend(self, ids: list[int], keep: int) -> np.ndarray:
+        """(len(ids), V) float32 logits of `ids` run after the first `keep` cached positions, which stay; those
+        after them are dropped. Scoring several continuations of one context reuses the context's cache so."""
+        if not 0 <= keep <= self.cache.n:
+            raise ValueError(f"keep = {keep} must be in 0..{self.cache.n} (the positions in the cache)")
+        self.cache.n = keep
+        return self._forward(ids, self.cache).astype(np.float32)
+
     def generate(self, ids: list[int], n: int, stop_at_eos: bool = False) -> list[int]:
         """`n` greedy tokens after the prompt `ids` (fewer if `stop_at_eos` and an eos id comes)."""
         out: list[int] = []

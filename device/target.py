@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pistill.errors import InputError, UserError
+
 log = logging.getLogger(__name__)
 
 LOCAL = "local"  # the bench target that means "this machine, no SSH"
@@ -30,6 +32,11 @@ CONNECT_TIMEOUT_S = 15
 KEEPALIVE_S = 15  # seconds between keepalive packets (ssh_config ServerAliveInterval overrides)
 KILL_GRACE_S = 5  # after the limit, SIGTERM; this much later, SIGKILL
 SFTP_IDLE_S = 120  # an SFTP request unanswered this long means the link is dead
+PID_LINE = "pistill-pid "  # the first stderr line of every command: its pid on the device, to stop it on Ctrl-C
+WITH_PID = f'echo "{PID_LINE}$$" >&2; exec "$@"'
+KILL = ('p=$1; kill -TERM "-$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null; i=0; '  # its group (timeout leads one)
+        'while kill -0 "$p" 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; '
+        'kill -KILL "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null; true')  # dash's kill takes no `--`
 USER_SSH_CONFIG = Path("~/.ssh/config")
 USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 SYSTEM_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
@@ -37,7 +44,7 @@ _SPEC = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
                    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)(?::(?P<port>\d{1,5}))?$")
 
 
-class TargetError(RuntimeError):
+class TargetError(UserError, RuntimeError):
     """A device is unreachable, refused, or a command on it failed; the message names the target and the fix."""
 
 
@@ -51,6 +58,10 @@ class HostKeyError(TargetError):
 
 class RemoteTimeout(TargetError):
     """A remote command ran past its limit and was stopped."""
+
+
+class Interrupted(TargetError):
+    """The user stopped the run (Ctrl-C); the remote command was killed."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ def check_spec(spec: str) -> None:
     """Raise ValueError unless `spec` looks like `user@host[:port]` or an alias (reads no files)."""
     m = _SPEC.match(spec)
     if not m or (m["port"] and not 0 < int(m["port"]) < 65536):
-        raise ValueError(f"target '{spec}' is not understood; use \"local\", \"user@host\", \"user@host:port\" "
+        raise InputError(f"target '{spec}' is not understood; use \"local\", \"user@host\", \"user@host:port\" "
                          "or a Host alias from ~/.ssh/config")
 
 
@@ -106,7 +117,7 @@ def _lookup(alias: str, ssh_config: str | Path | None) -> dict:
     path = Path(ssh_config or USER_SSH_CONFIG).expanduser()
     if not path.is_file():
         if ssh_config:
-            raise ValueError(f"ssh_config file {path} does not exist; fix the path or leave it empty for "
+            raise InputError(f"ssh_config file {path} does not exist; fix the path or leave it empty for "
                              f"{USER_SSH_CONFIG}")
         return {}
     return paramiko.SSHConfig.from_path(str(path)).lookup(alias)
@@ -306,16 +317,32 @@ class Result:
 
 
 class _Lines:
-    """Splits a byte stream into lines, logs each complete one, and keeps the whole text."""
+    """Splits a byte stream into lines, logs each complete one, and keeps the whole text; with `pid_first`, the
+    first line is the command's pid on the device (`WITH_PID`), kept in `pid` and left out of the text."""
 
-    def __init__(self, prefix: str, level: int):
+    def __init__(self, prefix: str, level: int, pid_first: bool = False):
         self.prefix, self.level, self.parts, self.pending = prefix, level, [], b""
+        self.pid, self._want_pid, self._head = None, pid_first, b""
 
     def feed(self, data: bytes) -> None:
+        if self._want_pid:
+            data = self._take_pid(data)
         self.parts.append(data)
         *lines, self.pending = (self.pending + data).split(b"\n")
         for line in lines:
             self._log(line)
+
+    def _take_pid(self, data: bytes) -> bytes:
+        """The stream without its pid line (b"" until that line is complete)."""
+        self._head += data
+        line, nl, rest = self._head.partition(b"\n")
+        if not nl:
+            return b""
+        self._want_pid, self._head = False, b""
+        if line.startswith(PID_LINE.encode()) and line[len(PID_LINE):].isdigit():
+            self.pid = int(line[len(PID_LINE):])
+            return rest
+        return line + nl + rest
 
     def _log(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\r")
@@ -323,6 +350,9 @@ class _Lines:
             log.log(self.level, "%s %s", self.prefix, text)
 
     def text(self) -> str:
+        if self._want_pid:  # the stream ended inside its first line
+            self._want_pid, head, self._head = False, self._head, b""
+            self.feed(head)
         self._log(self.pending)
         self.pending = b""
         return b"".join(self.parts).decode("utf-8", "replace")
@@ -339,6 +369,7 @@ class Connection:
     def __init__(self, target: Target, client, jumps: list["Connection"]):
         self.target, self.client, self.jumps = target, client, jumps
         self._sftp = self._home = self._has_timeout = None
+        self.stop = None  # a threading.Event: once set, running commands are killed (Ctrl-C in a fleet)
 
     def __enter__(self) -> "Connection":
         return self
@@ -377,8 +408,10 @@ class Connection:
                                                         timeout=timeout_s)
 
     def run(self, argv: list[str], timeout_s: float, check: bool = True, echo: bool = False) -> Result:
-        """Run argv (quoted) with a hard limit; output lines go to the log (INFO when `echo`, else DEBUG)."""
-        wrapped = self._limited(argv, timeout_s)
+        """Run argv (quoted) with a hard limit; output lines go to the log (INFO when `echo`, else DEBUG).
+
+        When `self.stop` (a threading.Event) is set, the command is killed on the device and Interrupted raised."""
+        wrapped = ["sh", "-c", WITH_PID, "sh", *self._limited(argv, timeout_s)]
         log.debug("%s$ %s", self.target, describe(argv))
         chan, t0 = self.client.get_transport().open_session(), time.monotonic()
         try:
@@ -405,9 +438,11 @@ class Connection:
 
     def _pump(self, chan, argv: list[str], limit_s: float, echo: bool) -> tuple[int, str, str]:
         level = logging.INFO if echo else logging.DEBUG
-        out, err = _Lines(f"{self.target} |", level), _Lines(f"{self.target} !", level)
+        out, err = _Lines(f"{self.target} |", level), _Lines(f"{self.target} !", level, pid_first=True)
         deadline = time.monotonic() + limit_s
         while True:
+            if self.stop is not None and self.stop.is_set():
+                self._kill(chan, err, argv)
             busy = False
             if chan.recv_ready():
                 out.feed(chan.recv(1 << 16))
@@ -424,6 +459,26 @@ class Connection:
                                     "the channel was closed")
             if not busy:
                 time.sleep(0.02)
+
+    def _kill(self, chan, err: _Lines, argv: list[str]) -> None:
+        """Kill the channel's command on the device (its process group: `timeout` leads one) and raise."""
+        deadline = time.monotonic() + KILL_GRACE_S
+        while err.pid is None and not chan.exit_status_ready() and time.monotonic() < deadline:  # pid not in yet
+            if chan.recv_stderr_ready():
+                err.feed(chan.recv_stderr(1 << 16))
+            else:
+                time.sleep(0.02)
+        if err.pid is not None and not chan.exit_status_ready():
+            kill = self.client.get_transport().open_session()
+            try:
+                kill.exec_command(shlex.join(["sh", "-c", KILL, "sh", str(err.pid)]))
+                end = time.monotonic() + 2 * KILL_GRACE_S
+                while not kill.exit_status_ready() and time.monotonic() < end:
+                    time.sleep(0.05)
+            finally:
+                kill.close()
+            log.info("%s: stopped `%s` (pid %d)", self.target, describe(argv), err.pid)
+        raise Interrupted(f"{self.target}: interrupted; `{describe(argv)}` was stopped")
 
 
 def exit_reason(rc: int) -> str:

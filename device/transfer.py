@@ -1,8 +1,10 @@
 """Content-addressed uploads over SFTP into `<cache>/blobs/<sha256>` on the device: skip, resume, verify, rename.
 
 A blob is written to `<sha256>.part` (appending from the partial's size when an earlier upload was cut off), hashed
-on the device, and renamed to its final name only when the hash matches, so a finished name is always whole.
-Folders (ONNX, Hugging Face) become `<cache>/trees/<tree hash>/`: hard links to their blobs under their own names.
+on the device, and renamed to its final name only when the hash matches, so a finished name is always whole. A blob
+already there is hashed on the device before it is trusted (an SD card can rot, a user can edit it); a damaged one is
+uploaded again. Folders (ONNX, Hugging Face) become `<cache>/trees/<tree hash>/`: hard links to their blobs under
+their own names, laid out again whenever a blob was (re)sent.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Callable
 
 from pistill.artifact import sha256_file
 
-from .target import Connection, TargetError, last_line
+from .target import Connection, Interrupted, TargetError, last_line
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class Upload:
     bytes: int
     sent: int  # bytes sent by this call (0 when skipped)
     resumed_from: int  # the partial's size this call appended to (0: from the start)
-    skipped: bool = False  # the device already had it
+    skipped: bool = False  # the device already had it (and its hash matched)
 
 
 def _stat_size(sftp, path: str) -> int | None:
@@ -102,9 +104,14 @@ def upload(conn: Connection, local: Path, cache: str = CACHE, sha256: str | None
     sha, size = sha256 or sha256_file(local), local.stat().st_size
     blobs = f"{conn.expand(cache).rstrip('/')}/blobs"
     final, part = f"{blobs}/{sha}", f"{blobs}/{sha}.part"
-    if _stat_size(conn.sftp, final) == size:
-        log.debug("%s: %s already on the device (%s)", conn.target, local.name, sha[:12])
-        return Upload(final, sha, size, 0, 0, skipped=True)
+    have = _stat_size(conn.sftp, final)
+    if have is not None:
+        if have == size and remote_sha256(conn, final) == sha:
+            log.debug("%s: %s already on the device (%s)", conn.target, local.name, sha[:12])
+            return Upload(final, sha, size, 0, 0, skipped=True)
+        log.warning("%s: the device's copy of %s is damaged (its sha256 is not %s...); uploading it again",
+                    conn.target, local.name, sha[:12])
+        conn.sftp.remove(final)
     conn.run(["mkdir", "-p", blobs], COMMAND_TIMEOUT_S)
     offset = _stat_size(conn.sftp, part) or 0
     if offset > size:  # not a prefix of this file
@@ -137,6 +144,9 @@ def _send(conn: Connection, local: Path, part: str, offset: int, size: int, prog
             dst.set_pipelined(True)
             src.seek(offset)
             while block := src.read(CHUNK):
+                if conn.stop is not None and conn.stop.is_set():
+                    raise Interrupted(f"{conn.target}: interrupted; the upload of {local.name} stopped at "
+                                      f"{done / 1e6:.1f} MB (a rerun resumes it)")
                 dst.write(block)
                 done += len(block)
                 if task is not None:
@@ -171,10 +181,13 @@ def upload_tree(conn: Connection, files: dict[str, Path], cache: str = CACHE, pr
     ups = {name: upload(conn, path, cache, sha256s.get(name), progress) for name, path in files.items()}
     root = conn.expand(cache).rstrip("/")
     tree = f"{root}/trees/{tree_id({n: u.sha256 for n, u in ups.items()})}"
-    if _stat_size(conn.sftp, tree) is None:
+    resent = not all(u.skipped for u in ups.values())  # a re-sent blob is a new file: old links show the old one
+    if resent or _stat_size(conn.sftp, tree) is None:
         tmp = f"{tree}.tmp"
         args = [x for name, u in ups.items() for x in (u.path, name)]
         conn.run(["sh", "-c", LINK_TREE, "sh", tmp, *args], COMMAND_TIMEOUT_S)
-        conn.run(["sh", "-c", 'mv -T "$1" "$2" 2>/dev/null || [ -d "$2" ]', "sh", tmp, tree], COMMAND_TIMEOUT_S)
+        replace = 'rm -rf "$2"; ' if resent else ""
+        conn.run(["sh", "-c", replace + 'mv -T "$1" "$2" 2>/dev/null || [ -d "$2" ]', "sh", tmp, tree],
+                 COMMAND_TIMEOUT_S)
         log.debug("%s: laid out %s", conn.target, shlex.quote(tree))
     return tree, list(ups.values())

@@ -16,6 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from pistill.artifact import Artifact, ArtifactWriter
+from pistill.errors import InputError, UserError
 
 from .imatrix import LlamaImatrix
 from .verify import check_uniform_layers
@@ -29,6 +30,10 @@ QUANT_FTYPES: dict[str, int] = {  # quant type -> llama_ftype in llama.h (llama_
 }
 QK_K = 256  # k-quant super-block width; llama.cpp quantizes narrower rows with a legacy type instead
 EVALUATE = ("model", "all", "none")
+
+
+class QuantizeError(UserError, RuntimeError):
+    """llama.cpp could not quantize a GGUF file (its last log lines say why)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class GGUFConfig:
 def check_quant(quant: str) -> int:
     """The llama_ftype of a quant type name, or a ValueError listing the valid names."""
     if quant not in QUANT_FTYPES:
-        raise ValueError(f"quant type '{quant}' is unknown; valid: {', '.join(QUANT_FTYPES)}")
+        raise InputError(f"quant type '{quant}' is unknown; valid: {', '.join(QUANT_FTYPES)}")
     return QUANT_FTYPES[quant]
 
 
@@ -108,16 +113,16 @@ def check_folder(folder: Path) -> tuple[dict, Arch]:
     folder = Path(folder)
     config = _read_json(folder / "config.json")
     if not config:
-        raise ValueError(f"{folder} has no config.json; pass a Hugging Face model folder")
+        raise InputError(f"{folder} has no config.json; pass a Hugging Face model folder")
     model_type = config.get("model_type", "?")
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"architecture '{model_type}' is not supported by the GGUF writer; "
+        raise InputError(f"architecture '{model_type}' is not supported by the GGUF writer; "
                          f"supported: {', '.join(ARCHITECTURES)}")
     if not (folder / "tokenizer.json").is_file():
-        raise ValueError(f"{folder} has no tokenizer.json; save the fast tokenizer there "
+        raise InputError(f"{folder} has no tokenizer.json; save the fast tokenizer there "
                          "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
     if not sorted(folder.glob("*.safetensors")):
-        raise ValueError(f"{folder} has no *.safetensors weights; save the model with save_pretrained()")
+        raise InputError(f"{folder} has no *.safetensors weights; save the model with save_pretrained()")
     check_tokenizer(folder / "tokenizer.json")
     rope_type(config)
     check_uniform_layers(folder, config)
@@ -128,7 +133,7 @@ def check_tokenizer(path: Path) -> None:
     tok_json = _read_json(path)
     byte_level = any(part[0] == "ByteLevel" for part in _pre_signature(tok_json.get("pre_tokenizer")))
     if tok_json.get("model", {}).get("type") != "BPE" or not byte_level:
-        raise ValueError(f"{path} is not a byte-level BPE tokenizer; the GGUF writer supports only those")
+        raise InputError(f"{path} is not a byte-level BPE tokenizer; the GGUF writer supports only those")
 
 
 def rope_params(config: dict) -> dict:
@@ -142,7 +147,7 @@ def rope_type(config: dict) -> str:
     rope = rope_params(config)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "linear", "yarn", "llama3"):
-        raise ValueError(f"rope_type '{kind}' is not supported by the GGUF writer; "
+        raise InputError(f"rope_type '{kind}' is not supported by the GGUF writer; "
                          "supported: default, linear, yarn, llama3")
     return kind
 
@@ -240,7 +245,7 @@ def bpe_vocab(tok_json: dict, vocab_size: int) -> tuple[list[str], list[int]]:
     for a in tok_json.get("added_tokens", []):
         by_id[a["id"]] = (a["content"], gguf.TokenType.CONTROL if a["special"] else gguf.TokenType.USER_DEFINED)
     if max(by_id) >= vocab_size:
-        raise ValueError(f"tokenizer has id {max(by_id)} but vocab_size = {vocab_size}; resize the embeddings")
+        raise InputError(f"tokenizer has id {max(by_id)} but vocab_size = {vocab_size}; resize the embeddings")
     tokens = [by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(vocab_size)]
     return [t for t, _ in tokens], [int(k) for _, k in tokens]
 
@@ -318,7 +323,7 @@ def tensor_names(folder: Path, config: dict) -> dict[str, str]:
                 if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and tied):
                     continue
                 if (new := tmap.get_name(name, try_suffixes=(".weight", ".bias"))) is None:
-                    raise ValueError(f"tensor '{name}' in {shard.name} has no GGUF name for {arch.name.lower()}")
+                    raise InputError(f"tensor '{name}' in {shard.name} has no GGUF name for {arch.name.lower()}")
                 names[name] = new
     return names
 
@@ -353,7 +358,7 @@ def write_gguf(folder: Path, path: Path, outtype: str = "f16") -> Path:
 
     folder, path = Path(folder), Path(path)
     if outtype not in OUTTYPES:
-        raise ValueError(f"outtype = '{outtype}' is not supported; use one of {', '.join(OUTTYPES)}")
+        raise InputError(f"outtype = '{outtype}' is not supported; use one of {', '.join(OUTTYPES)}")
     config, arch = check_folder(folder)
     names = tensor_names(folder, config)
     tmp = path.with_name(path.name + ".tmp")
@@ -387,6 +392,9 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, imatrix: L
 
     import llama_cpp
 
+    from pistill.llama_build import ensure_works
+
+    ensure_works()  # a crashing build stops here with one line, before anything is written
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = check_quant(quant)
     params.nthread = threads or os.cpu_count() or 1
@@ -403,8 +411,8 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, imatrix: L
         llama_log = (Path(logdir) / "quantize.log").read_text(errors="replace").strip().splitlines()
     if rc != 0:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp failed to quantize {src} to {quant} (return code {rc}): "
-                           + " | ".join(llama_log[-3:]))
+        raise QuantizeError(f"llama.cpp failed to quantize {src} to {quant} (return code {rc}): "
+                            + " | ".join(llama_log[-3:]) + "; check the free disk space or try another [gguf] quants")
     os.replace(tmp, dst)
     log.info("quantized %s -> %s", quant, dst)
     return dst

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
+from pistill.errors import InputError
 
 from .verify import check_uniform_layers
 
@@ -66,17 +67,17 @@ def check_source(hf_dir: Path) -> dict:
 
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{hf_dir} has no config.json; the ONNX export needs a Hugging Face model folder")
+        raise InputError(f"{hf_dir} has no config.json; the ONNX export needs a Hugging Face model folder")
     config = json.loads(path.read_text())
     check_architecture(config, str(hf_dir))
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "?")
-        raise ValueError(f"{hf_dir} holds a {method}-quantized model; export an unquantized (distilled) folder")
+        raise InputError(f"{hf_dir} holds a {method}-quantized model; export an unquantized (distilled) folder")
     if not (Path(hf_dir) / "tokenizer.json").is_file():
-        raise ValueError(f"{hf_dir} has no tokenizer.json (the device tokenizes with it); save the fast tokenizer "
+        raise InputError(f"{hf_dir} has no tokenizer.json (the device tokenizes with it); save the fast tokenizer "
                          "there (AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
     if not sorted(Path(hf_dir).glob("*.safetensors")):
-        raise ValueError(f"{hf_dir} has no *.safetensors weights; save the model with save_pretrained()")
+        raise InputError(f"{hf_dir} has no *.safetensors weights; save the model with save_pretrained()")
     check_uniform_layers(hf_dir, config)
     return config
 
@@ -204,7 +205,7 @@ def run(inputs: list[Artifact], cfg: ONNXConfig, out: Path) -> Artifact:
 
     student, data = inputs
     if (student.model or {}).get("format") != "hf":
-        raise ValueError(f"{student.path} (stage '{student.stage}') holds no Hugging Face folder to export")
+        raise InputError(f"{student.path} (stage '{student.stage}') holds no Hugging Face folder to export")
     check_source(student.model_path())
     with ArtifactWriter(out, "onnx", cfg, inputs) as w:
         t0 = time.time()

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from pistill.device.runtimes import TorchRuntime
+from pistill.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ PROMPTS: tuple[str, ...] = (  # greedy-generation cases, chat-formatted
 )
 
 
-class VerificationError(RuntimeError):
+class VerificationError(UserError, RuntimeError):
     """An unquantized export disagrees with torch beyond rounding: the exporter is broken."""
 
     def __init__(self, name: str, problems: list[str]):
@@ -78,18 +79,18 @@ def check_uniform_layers(folder: Path, config: dict) -> None:
     """
     layers = layer_shapes(folder)
     if sorted(layers) != list(range(config["num_hidden_layers"])):
-        raise ValueError(f"{folder}: the weights hold layers {sorted(layers)[:5]}... but config.json says "
+        raise InputError(f"{folder}: the weights hold layers {sorted(layers)[:5]}... but config.json says "
                          f"num_hidden_layers = {config['num_hidden_layers']}; save the model again")
     first = layers[0]
     for i, shapes in layers.items():
         for name in sorted(set(first) | set(shapes)):
             if shapes.get(name) != first.get(name):
-                raise ValueError(f"{folder}: layer {i} {name} has shape {shapes.get(name)} but layer 0 has "
+                raise InputError(f"{folder}: layer {i} {name} has shape {shapes.get(name)} but layer 0 has "
                                  f"{first.get(name)}; llama.cpp and onnxruntime-genai need uniform layers "
                                  "(prune every layer to the same ffn_dim)")
     ffn = first.get("mlp.gate_proj.weight", (config["intermediate_size"],))[0]
     if ffn != config["intermediate_size"]:
-        raise ValueError(f"{folder}: the MLP weights are {ffn} wide but config.json says intermediate_size = "
+        raise InputError(f"{folder}: the MLP weights are {ffn} wide but config.json says intermediate_size = "
                          f"{config['intermediate_size']}; fix config.json")
 
 

@@ -16,13 +16,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputError, UserError
+from .rundir import make_dir
+
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 _TRACKED_PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "gguf", "llama_cpp_python",
                      "onnx", "onnxruntime", "onnxruntime-genai", "numpy")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """An artifact folder is missing, incomplete or of the wrong stage."""
 
 
@@ -59,7 +62,7 @@ class Artifact:
         mf = path / MANIFEST
         if not mf.is_file():
             raise ArtifactError(f"{path} is not a pistill artifact (no {MANIFEST}); pass a folder a stage wrote")
-        manifest = json.loads(mf.read_text())
+        manifest = read_manifest(mf)
         if stage is not None and manifest.get("stage") != stage:
             raise ArtifactError(f"{path} holds stage '{manifest.get('stage')}', expected '{stage}'")
         return cls(path, manifest)
@@ -92,6 +95,40 @@ class Artifact:
         if not self.model:
             raise ArtifactError(f"{self.path} (stage '{self.stage}') holds no model")
         return self.path / self.model["file"]
+
+    @property
+    def models(self) -> list[dict]:
+        """Every model the artifact holds, each `{"key", "format", "file", ...}`: the manifest's `models` list (an
+        artifact with several, e.g. baseline), else its one `model` keyed by the stage name."""
+        if self.manifest.get("models"):
+            return [dict(m) for m in self.manifest["models"]]
+        return [{"key": self.stage, **self.model}] if self.model else []
+
+    def each_model(self) -> list[tuple[str, "Artifact"]]:
+        """(key, the artifact narrowed to that model) for each model: the view's `model` and `metrics` are that
+        model's. An artifact with one model or none is its own view, keyed by its stage."""
+        if not self.manifest.get("models"):
+            return [(self.stage, self)]
+        views = []
+        for m in self.models:
+            model = {k: v for k, v in m.items() if k not in ("key", "metrics")}
+            views.append((m["key"], Artifact(self.path, {**self.manifest, "model": model,
+                                                         "metrics": m.get("metrics", self.metrics)})))
+        return views
+
+
+def read_manifest(path: Path) -> dict:
+    """A manifest.json as a dict holding at least stage, id and key; ArtifactError naming the file otherwise."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} cannot be read as JSON ({type(e).__name__}: {e}); rerun the stage that "
+                            "wrote it") from None
+    missing = [k for k in ("stage", "id", "key") if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        what = f"lacks {', '.join(missing)}" if isinstance(manifest, dict) else f"is a JSON {type(manifest).__name__}"
+        raise ArtifactError(f"{path} {what}, not a pistill manifest; rerun the stage that wrote the folder")
+    return manifest
 
 
 def environment() -> dict:
@@ -153,6 +190,7 @@ class ArtifactWriter:
     parents: list[Artifact]
     metrics: dict = field(default_factory=dict)
     model: dict | None = None
+    models: list[dict] | None = None  # several models: [{"key", "format", "file", "metrics"}]
     extra: dict = field(default_factory=dict)  # stage-specific manifest fields
     artifact: Artifact | None = None
 
@@ -162,9 +200,10 @@ class ArtifactWriter:
         self._t0 = 0.0
 
     def __enter__(self) -> "ArtifactWriter":
+        check_out(self.out, self.stage, self.parents)  # before any work
         if self.dir.exists():
             shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
+        make_dir(self.dir)
         self._t0 = time.time()
         return self
 
@@ -174,9 +213,16 @@ class ArtifactWriter:
             return False
         manifest = self._manifest(time.time() - self._t0)
         (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        try:
+            check_out(self.out, self.stage, self.parents)  # again: the folder may have changed during the stage
+        except OutputError:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        old = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}.old"  # never a moment without an artifact
         if self.out.exists():
-            shutil.rmtree(self.out)
+            os.replace(self.out, old)
         os.replace(self.dir, self.out)
+        shutil.rmtree(old, ignore_errors=True)
         self.artifact = Artifact(self.out, manifest)
         return False
 
@@ -193,6 +239,7 @@ class ArtifactWriter:
             "config": config_dict(self.config),
             "parents": [{"stage": p.stage, "id": p.id, "path": str(p.path)} for p in self.parents],
             "model": self.model,
+            **({"models": self.models} if self.models else {}),
             "files": files,
             "metrics": self.metrics,
             **self.extra,
@@ -200,6 +247,30 @@ class ArtifactWriter:
             "created": created,
             "wall_s": round(wall_s, 3),
         }
+
+
+def check_out(out: Path, stage: str, parents: list[Artifact] = ()) -> None:
+    """Refuse an output folder whose replacement would delete what pistill did not write: anything but an empty
+    folder or a `stage` artifact, or a folder holding one of the stage's inputs (OutputError, nothing written)."""
+    out = Path(out)
+    where = out.resolve()
+    for p in parents:
+        if where == p.path.resolve() or where in p.path.resolve().parents:
+            raise OutputError(f"{out} holds the '{p.stage}' input {p.path}; writing there would delete it: "
+                              "choose another --out")
+    if out.is_symlink() or out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is {'a link' if out.is_symlink() else 'a file'}, not a pistill '{stage}' "
+                          "artifact; choose another --out or remove it yourself")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        found = read_manifest(out / MANIFEST)["stage"]
+    except ArtifactError:
+        found = None
+    if found != stage:
+        what = f"a '{found}' artifact" if found else "not a pistill artifact"
+        raise OutputError(f"{out} exists and is {what}; pistill replaces only a '{stage}' artifact it wrote: "
+                          "choose another --out or remove the folder yourself")
 
 
 def _json_default(o: Any) -> Any:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import UsageError
 
 log = logging.getLogger("pistill")
 STAGE_COMMANDS = {  # subcommand -> pipeline stages it runs
     "prune": ["prune"], "quantize": ["quantize"], "distill": ["distill"], "export": ["gguf", "onnx"],
-    "bench": ["bench"], "report": ["report"],
+    "baseline": ["baseline"], "bench": ["bench"], "eval": ["eval"], "report": ["report"],
 }
 
 
@@ -59,25 +61,35 @@ def _device_parsers(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-tensor bars; we show stages
+    _enable_faulthandler()
     _setup_logging(args.verbose)
-    from .artifact import ArtifactError
-    from .device.target import TargetError
-    from .models import TeacherError
-    from .recipe import RecipeError
+    from .errors import UserError
 
     try:
         if args.command in ("doctor", "trust"):
             return {"doctor": _doctor, "trust": _trust}[args.command](args)
         return _run(args) if args.command == "run" else _stage(args)
-    except RecipeError as e:
-        print(f"pistill: error: {e}", file=sys.stderr)
-        return 2
-    except (TeacherError, ArtifactError, ValueError, FileNotFoundError, TargetError) as e:
-        print(f"pistill: error: {e}", file=sys.stderr)
-        return 1
+    except UserError as e:  # the user can fix it: one line (and the traceback with -v); anything else is a bug
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"pistill: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("pistill: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
         return 130
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _enable_faulthandler() -> None:
+    """A native crash (llama.cpp, onnxruntime) prints its Python stack instead of dying silently."""
+    try:
+        faulthandler.enable()
+    except (RuntimeError, ValueError, OSError):  # stderr without a file descriptor (pytest capsys, notebooks)
+        pass
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -104,9 +116,9 @@ def _run(args) -> int:
     rec = _load_recipe(args.recipe)
     if args.target:
         rec = rec.with_config("bench", target=args.target)
-    if args.force:
-        pipeline.stage(args.force)  # a clear error for an unknown stage name
-    out = Path(args.out or rec.out)
+    if args.force and args.force not in pipeline.BY_NAME:
+        raise UsageError(f"--force: stage '{args.force}' is unknown; stages: {', '.join(pipeline.BY_NAME)}")
+    out = Path(args.out or rec.out).expanduser()
     arts = pipeline.run(rec.configs, out, force=args.force)
     print(arts["report"].path / "report.md")
     return 0
@@ -119,25 +131,55 @@ def _stage(args) -> int:
     rec = _load_recipe(args.recipe)
     if getattr(args, "target", None):
         rec = rec.with_config("bench", target=args.target)
-    run_dir, overrides = Path(args.run_dir), dict(_pair(s) for s in args.input)
     stages = STAGE_COMMANDS[args.command]
+    run_dir, overrides = Path(args.run_dir).expanduser(), _overrides(args.input, stages)
     if args.out and len(stages) > 1:
-        raise ValueError(f"--out names one folder but '{args.command}' writes {len(stages)} artifacts; "
+        raise UsageError(f"--out names one folder but '{args.command}' writes {len(stages)} artifacts; "
                          f"omit --out (they go to {run_dir}/<stage>)")
     for name in stages:
         st = pipeline.stage(name)
-        inputs = [Artifact.load(overrides.get(n, run_dir / n), stage=n) for n in st.inputs]
-        out = Path(args.out) if args.out else run_dir / name
-        art, _ = pipeline.run_stage(st, inputs, rec.configs[name], out, force=True)
+        out = Path(args.out).expanduser() if args.out else run_dir / name
+        _check_out(out, run_dir)
+        with _lock(out, run_dir):  # before reading the inputs: another run may be writing them
+            inputs = [Artifact.load(overrides.get(n, run_dir / n), stage=n) for n in st.inputs]
+            art, _ = pipeline.run_stage(st, inputs, rec.configs[name], out, force=True)
         print(art.path)
     return 0
 
 
-def _pair(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep:
-        raise ValueError(f"--input '{text}' must look like STAGE=DIR, e.g. --input distill=runs/x/distill")
-    return name, Path(path)
+def _overrides(pairs: list[str], stages: list[str]) -> dict[str, Path]:
+    """`--input STAGE=DIR` options as {stage: DIR}; a STAGE that none of `stages` reads is refused."""
+    from . import pipeline
+
+    valid = sorted({n for s in stages for n in pipeline.stage(s).inputs})
+    out = {}
+    for text in pairs:
+        name, sep, path = text.partition("=")
+        if not sep or not path:
+            raise UsageError(f"--input '{text}' must look like STAGE=DIR, e.g. --input distill=runs/x/distill")
+        if name not in valid:
+            raise UsageError(f"--input {text}: '{'/'.join(stages)}' reads no stage '{name}'; "
+                             f"valid: {', '.join(valid)}")
+        out[name] = Path(path).expanduser()
+    return out
+
+
+def _check_out(out: Path, run_dir: Path) -> None:
+    """Refuse an --out that is or holds the run folder (its inputs are checked by the artifact writer)."""
+    where, run = out.resolve(), run_dir.resolve()
+    if where == run or where in run.parents:
+        raise UsageError(f"--out {out} is or holds the run folder {run_dir}; writing there would delete it: "
+                         f"choose another --out, e.g. {run_dir / 'x'}")
+
+
+def _lock(out: Path, run_dir: Path):
+    """The run folder's lock when the stage writes into an existing run folder (the default, or an --out in one)."""
+    import contextlib
+
+    from .rundir import LOCK, locked
+
+    inside = out.parent.resolve() == run_dir.resolve() or (out.parent / LOCK).is_file()
+    return locked(out.parent) if inside and out.parent.is_dir() else contextlib.nullcontext()
 
 
 def _doctor(args) -> int:

@@ -36,7 +36,13 @@ PROBE_TIMEOUT_S = 120
 PROBE_TOKENS = 8
 
 
-class LlamaBuildError(RuntimeError):
+try:
+    from pistill.errors import UserError
+except ImportError:  # run as a script before pistill is installed
+    UserError = RuntimeError
+
+
+class LlamaBuildError(UserError):
     """The installed llama.cpp build crashes or cannot run here; the message names the rebuild command."""
 
 

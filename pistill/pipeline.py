@@ -6,12 +6,12 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifact import MANIFEST, Artifact, ArtifactError, input_key
+from .artifact import MANIFEST, Artifact, ArtifactError, check_out, input_key
+from .rundir import clean_stale, locked
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class Stage:
         return getattr(self.load(), self.config)
 
 
+MODEL_STAGES = ("teacher", "prune", "quantize", "distill", "gguf", "onnx", "baseline")  # artifacts holding models
+
 STAGES: tuple[Stage, ...] = (
     Stage("teacher", "pistill.models", "TeacherConfig", ()),
     Stage("data", "pistill.data", "DataConfig", ("teacher",)),
@@ -40,10 +42,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("distill", "pistill.compress.distill", "DistillConfig", ("quantize", "prune", "data")),
     Stage("gguf", "pistill.export.gguf", "GGUFConfig", ("distill", "data")),
     Stage("onnx", "pistill.export.onnx", "ONNXConfig", ("distill", "data")),
-    Stage("bench", "pistill.device.bench", "BenchConfig",
-          ("teacher", "prune", "quantize", "distill", "gguf", "onnx")),
-    Stage("report", "pistill.report", "ReportConfig",
-          ("teacher", "data", "prune", "quantize", "distill", "gguf", "onnx", "bench")),
+    Stage("baseline", "pistill.export.baseline", "BaselineConfig", ("teacher", "data", "gguf")),
+    Stage("bench", "pistill.device.bench", "BenchConfig", MODEL_STAGES),
+    Stage("eval", "pistill.zeroshot", "EvalConfig", MODEL_STAGES),
+    Stage("report", "pistill.report", "ReportConfig", ("teacher", "data", *MODEL_STAGES[1:], "bench", "eval")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -69,13 +71,21 @@ def run_stage(st: Stage, inputs: list[Artifact], cfg, out: Path, force: bool) ->
     old = existing(out)
     if old is not None and not force and old.key == input_key(st.name, cfg, inputs):
         return old, False
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run; never a finished artifact
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_stale(out.parent, f".{out.name}.tmp-*")  # left by a killed run; never a finished artifact
     return st.load().run(inputs, cfg, out), True
 
 
 def run(configs: dict, out: Path, force: str | None = None) -> dict[str, Artifact]:
-    """Run every stage in order into `out/<stage>`; stages from `force` on rerun even when unchanged."""
+    """Run every stage in order into `out/<stage>`; stages from `force` on rerun even when unchanged. Holds the
+    run folder's lock, and refuses (before any stage runs) a `out/<stage>` folder that pistill did not write."""
+    with locked(out):
+        for st in STAGES:
+            check_out(out / st.name, st.name)
+        clean_stale(out, ".pipeline.json.tmp-*")
+        return _run_locked(configs, out, force)
+
+
+def _run_locked(configs: dict, out: Path, force: str | None) -> dict[str, Artifact]:
     forced_from = [s.name for s in STAGES].index(force) if force else len(STAGES)
     arts: dict[str, Artifact] = {}
     runlog = []

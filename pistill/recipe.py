@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import sys
 import types
 import typing
@@ -16,13 +18,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .errors import UserError
 from .pipeline import STAGES, Stage
 
 TOP_LEVEL = {"name": str, "out": str}  # keys allowed outside the stage tables
+MAX_NUMBER = 10**15  # no option needs more; bigger numbers are typos (and floats lose integer precision past 2**53)
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe is unreadable or invalid; the message names the key and the fix."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ def load(path: str | Path) -> Recipe:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"recipe {path} is not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe {path} cannot be read ({type(e).__name__}); check that it is a UTF-8 text file "
+                          "you may read") from None
     return from_dict(doc, path)
 
 
@@ -61,8 +70,8 @@ def from_dict(doc: dict, path: Path | None = None) -> Recipe:
         if key not in TOP_LEVEL:
             raise RecipeError(f"unknown table or key '{key}'{_hint(key, [*stages, *TOP_LEVEL])}; "
                               f"valid: {', '.join([*stages, *TOP_LEVEL])}")
-        if not isinstance(value, str):
-            raise RecipeError(f"'{key}' must be a string, got {type(value).__name__}")
+        if not isinstance(value, str) or not value.strip():
+            raise RecipeError(f"'{key}' must be a non-empty string, got {_tname(value)} ({value!r})")
     configs = {name: build_config(stage, doc.get(name, {})) for name, stage in stages.items()}
     for name, cfg in configs.items():
         if hasattr(cfg, "validate_paths"):
@@ -71,7 +80,8 @@ def from_dict(doc: dict, path: Path | None = None) -> Recipe:
             except ValueError as e:
                 raise RecipeError(f"[{name}] {e}") from None
     default_name = path.stem if path else "recipe"
-    return Recipe(doc.get("name", default_name), doc.get("out", f"runs/{default_name}"), configs, path)
+    out = os.path.expanduser(doc.get("out", f"runs/{default_name}"))  # `~/runs/x`, not a folder named ~
+    return Recipe(doc.get("name", default_name), out, configs, path)
 
 
 def build_config(stage: Stage, table: Any):
@@ -100,7 +110,9 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arm in (a for a in args if a is not type(None)):
+        arms = sorted((a for a in args if a is not type(None)),  # the arm of the value's type reports first
+                      key=lambda a: not (isinstance(a, type) and isinstance(value, a)))
+        for arm in arms:
             try:
                 return coerce(value, arm, where)
             except RecipeError as e:
@@ -114,11 +126,20 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, _ACCEPTS.get(hint, hint)):
         raise RecipeError(f"{where} must be {hint.__name__}, got {_tname(value)} ({value!r})")
-    return value
+    return _number(value, hint, where) if hint in (int, float) else value
+
+
+_ACCEPTS = {float: (int, float)}  # an integer is a valid float
+
+
+def _number(value: int | float, hint: type, where: str) -> int | float:
+    """A finite number at most MAX_NUMBER in size (TOML allows nan, inf and any integer); a float for a float field."""
+    if abs(value) > MAX_NUMBER or not math.isfinite(value):  # the size first: isfinite overflows on a huge int
+        raise RecipeError(f"{where} = {value!r} must be a finite number at most {MAX_NUMBER:.0e} in size; "
+                          "fix the value")
+    return float(value) if hint is float else value
 
 
 def _tname(value: Any) -> str:

@@ -1,8 +1,11 @@
 """The report stage: one table lining up every model's size, quality and speed, plus the recipe that made them.
 
-Also per device (SSH fleets: `devices.json` of the bench artifact) with the speed-up over the teacher on the same
-board, and the history of earlier reports (this run folder's previous report and sibling run folders'). Writes
-Markdown, JSON, and one self-contained HTML file with charts (`report_html`).
+Rows: the teacher and its own GGUF files (baseline), then the pipeline's models; quality from each model's
+held-out metrics and the eval stage's zero-shot accuracy, speed from the bench, the speed-up over the teacher's model
+of the same runtime and number format, and the front of non-dominated models (`front`). Also per device (SSH
+fleets: `devices.json` of the bench artifact) with the same speed-up on that board, and the history of earlier
+reports (this run folder's previous report and sibling run folders'). Writes Markdown, JSON, and one self-contained
+HTML file with charts (`report_html`).
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from . import front
 from .artifact import Artifact, ArtifactWriter
+from .pipeline import MODEL_STAGES as PIPELINE_MODELS
 
-SCHEMA_VERSION = 2  # 2: devices, history
+SCHEMA_VERSION = 3  # 2: devices, history; 3: baseline rows, zero-shot accuracy, speed-up by runtime and type, front
 FORMATS = ("md", "json", "html")
 MISSING = "–"
-MODEL_STAGES = ("teacher", "prune", "quantize", "distill", "gguf", "onnx")  # row order
-LABELS = {"teacher": "teacher", "prune": "pruned", "quantize": "quantized teacher", "distill": "student",
-          "gguf": "student GGUF {kind}", "onnx": "student ONNX {kind}"}
+MODEL_STAGES = ("teacher", "baseline") + tuple(s for s in PIPELINE_MODELS if s not in ("teacher", "baseline"))  # rows
+LABELS = {"teacher": "teacher", "baseline": "teacher GGUF {kind}", "prune": "pruned", "quantize": "quantized teacher",
+          "distill": "student", "gguf": "student GGUF {kind}", "onnx": "student ONNX {kind}"}
 QUALITY = ("params", "bytes", "ppl", "agreement", "kl")  # from each model artifact's metrics
 SPEED = ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "load_s")  # from the bench artifact's bench.json
 
@@ -62,9 +67,32 @@ COLUMNS: tuple[tuple[str, str, Callable[[object], str]], ...] = (  # (row key, h
     ("kl", "KL", _num(".3f")),
     ("prefill_tps", "prefill tok/s", _num(".1f")),
     ("decode_tps", "decode tok/s", _num(".1f")),
+    ("speedup", "× teacher", _num(".2f")),  # decode tok/s over the teacher's model of the same runtime and type
     ("ttft_s", "TTFT (ms)", _num(".0f", 1e3)),
     ("peak_rss_mb", "peak RSS (MB)", _num(".0f")),
 )
+
+
+def table_columns(tasks: dict[str, dict]) -> tuple:
+    """COLUMNS with one zero-shot column per task (acc_norm ± standard error) after the held-out figures."""
+    at = [k for k, _, _ in COLUMNS].index("kl") + 1
+    zs = tuple((("zeroshot", t, "acc_norm"), f"{facts.get('label', t)} acc_norm", _num(".3f"))
+               for t, facts in tasks.items())
+    return COLUMNS[:at] + zs + COLUMNS[at:]
+
+
+def lookup(row: dict, key: str | tuple) -> object:
+    """row[key], or the value at a path of keys (nested dicts), None where any is missing."""
+    for k in (key,) if isinstance(key, str) else key:
+        row = row.get(k) if isinstance(row, dict) else None
+    return row
+
+
+def row_cell(row: dict, key: str | tuple, fmt: Callable[[object], str]) -> str:
+    """`cell` of row[key], followed by "± <stderr>" when the row holds `<key>_stderr` beside it."""
+    err_key = key + "_stderr" if isinstance(key, str) else key[:-1] + (key[-1] + "_stderr",)
+    text, err = cell(lookup(row, key), fmt), cell(lookup(row, err_key), fmt)
+    return f"{text} ± {err}" if MISSING not in (text, err) else text
 
 
 def cell(value: object, fmt: Callable[[object], str]) -> str:
@@ -74,10 +102,10 @@ def cell(value: object, fmt: Callable[[object], str]) -> str:
     return fmt(value)
 
 
-def model_row(stage: str, label: str, metrics: dict, speed: dict | None) -> dict:
+def model_row(key: str, label: str, metrics: dict, speed: dict | None) -> dict:
     """One row: quality figures from a model's metrics, speeds from its bench result (None when not benched)."""
     speed = speed or {}
-    row = {"stage": stage, "name": label}
+    row = {"key": key, "stage": stage_of(key), "name": label}
     row.update({k: metrics.get(k) for k in QUALITY})
     row.update({k: speed.get(k) for k in SPEED})
     row["bench_error"] = speed.get("error")
@@ -93,16 +121,27 @@ def teacher_metrics(teacher: dict, data: dict) -> dict:
     return {"agreement": 1.0, "kl": 0.0, **teacher, "ppl": ppl}
 
 
+def stage_of(key: str) -> str:
+    """The stage of a model key: "baseline:Q8_0" -> "baseline"."""
+    return key.split(":")[0]
+
+
+def ordered(keys) -> list[str]:
+    """Model keys in row order (MODEL_STAGES; a stage's several models as given)."""
+    keys = [k for k in keys if stage_of(k) in MODEL_STAGES]
+    return sorted(keys, key=lambda k: MODEL_STAGES.index(stage_of(k)))
+
+
 def build_rows(metrics: dict[str, dict], labels: dict[str, str], speeds: dict[str, dict]) -> list[dict]:
-    """Rows in MODEL_STAGES order for the stages present in `metrics` (stage -> that artifact's metrics)."""
-    return [model_row(s, labels.get(s, s), metrics[s], speeds.get(s)) for s in MODEL_STAGES if s in metrics]
+    """Rows in row order for the models in `metrics` (model key -> its metrics)."""
+    return [model_row(k, labels.get(k, k), metrics[k], speeds.get(k)) for k in ordered(metrics)]
 
 
 DEVICE_COLUMNS: tuple[tuple[str, str, Callable[[object], str]], ...] = (  # one model on one device
     ("threads", "threads", _num(".0f")),
     ("prefill_tps", "prefill tok/s", _num(".1f")),
     ("decode_tps", "decode tok/s", _num(".1f")),
-    ("speedup", "× teacher", _num(".2f")),  # decode tok/s over the teacher's on the same device
+    ("speedup", "× teacher", _num(".2f")),  # over the teacher's model of the same runtime and type, same device
     ("ttft_s", "TTFT (ms)", _num(".0f", 1e3)),
     ("p50", "p50 (ms)", _num(".1f")),  # per-token decode latency percentiles
     ("p95", "p95 (ms)", _num(".1f")),
@@ -121,7 +160,7 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
     header = ["model"] + [h for _, h, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join([row_name(r)] + [cell(r.get(k), f) for k, _, f in columns]) + " |")
+        lines.append("| " + " | ".join([row_name(r)] + [row_cell(r, k, f) for k, _, f in columns]) + " |")
     return "\n".join(lines)
 
 
@@ -142,10 +181,40 @@ def onnx_precision(manifest: dict) -> str | None:
     return (manifest.get("config") or {}).get("precision")  # int4 (MatMulNBits) or fp32
 
 
+def model_quant(manifest: dict) -> str | None:
+    """The type of one model of an artifact holding several (its `models` entry's `quant`, e.g. baseline's)."""
+    return (manifest.get("model") or {}).get("quant")
+
+
+def bnb_method(manifest: dict) -> str | None:
+    method = (manifest.get("config") or {}).get("method")  # the quantize stage's: nf4, int8 or none
+    return None if method == "none" else method
+
+
+KINDS: dict[str, Callable[[dict], str | None]] = {  # stage -> the number format of its model, from its manifest
+    "gguf": gguf_quant, "baseline": model_quant, "onnx": onnx_precision, "quantize": bnb_method}
+
+
+def number_format(stage: str, manifest: dict) -> str:
+    """"Q4_0", "int4", "nf4"...; "" for a model folder as saved."""
+    return KINDS.get(stage, lambda m: None)(manifest) or ""
+
+
 def model_label(stage: str, manifest: dict) -> str:
     """The row name; export rows name their number format, read from the manifest (e.g. GGUF Q4_K_M)."""
-    kind = {"gguf": gguf_quant, "onnx": onnx_precision}.get(stage, lambda m: None)(manifest)
-    return LABELS.get(stage, stage).format(kind=kind or "").strip()
+    kind = number_format(stage, manifest) if "{kind}" in LABELS.get(stage, "") else ""
+    return LABELS.get(stage, stage).format(kind=kind).strip()
+
+
+def run_format(fmt: str | None, kind: str, result: dict | None) -> tuple[str | None, str]:
+    """(runtime, number format) a model ran in: its bench result's runtime, and "as GGUF Q4_0" (an HF model
+    converted for a device) read as Q4_0; the artifact's own format and kind otherwise."""
+    from pistill.device.runtimes import runtime_for_format
+
+    result = result or {}
+    runtime = (result.get("runtime") or {}).get("name") or (runtime_for_format(fmt) if fmt else None)
+    note = result.get("device_format") or ""
+    return runtime, note.split()[-1] if note.startswith("as GGUF ") else kind
 
 
 def read_speeds(bench: Artifact | None) -> dict[str, dict]:
@@ -158,13 +227,35 @@ def read_speeds(bench: Artifact | None) -> dict[str, dict]:
         return {}
 
 
-def rows_from_artifacts(by_stage: dict[str, Artifact], speeds: dict[str, dict]) -> list[dict]:
-    metrics = {s: a.metrics for s, a in by_stage.items() if s in MODEL_STAGES}
+def model_views(by_stage: dict[str, Artifact]) -> dict[str, Artifact]:
+    """Model key -> the artifact narrowed to that model, for every model artifact in `by_stage`."""
+    return {k: v for s, a in by_stage.items() if s in MODEL_STAGES for k, v in a.each_model()}
+
+
+def zeroshot_of(result: dict | None) -> tuple[dict, str | None]:
+    """A model's eval result as ({task: {n, acc, acc_stderr, acc_norm, acc_norm_stderr}}, why it has none)."""
+    result = result or {}
+    keep = ("n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+    tasks = {t: {k: r.get(k) for k in keep} for t, r in (result.get("tasks") or {}).items()}
+    return tasks, result.get("skipped") or result.get("error")
+
+
+def rows_from_artifacts(by_stage: dict[str, Artifact], speeds: dict[str, dict],
+                        evals: dict | None = None) -> list[dict]:
+    views = model_views(by_stage)
+    metrics = {k: v.metrics for k, v in views.items()}
     if "teacher" in metrics:
         data = by_stage["data"].metrics if "data" in by_stage else {}
         metrics["teacher"] = teacher_metrics(metrics["teacher"], data)
-    labels = {s: model_label(s, a.manifest) for s, a in by_stage.items()}
-    return build_rows(metrics, labels, speeds)
+    labels = {k: model_label(stage_of(k), v.manifest) for k, v in views.items()}
+    rows = build_rows(metrics, labels, speeds)
+    for r in rows:
+        view = views[r["key"]]
+        kind = number_format(r["stage"], view.manifest)
+        r["runtime"], r["kind"] = run_format((view.model or {}).get("format"), kind, speeds.get(r["key"]))
+        r["zeroshot"], r["eval_note"] = zeroshot_of(((evals or {}).get("models") or {}).get(r["key"]))
+    front.add_speedups(rows)
+    return rows
 
 
 def stage_facts(a: Artifact) -> dict:
@@ -192,8 +283,16 @@ def bench_facts(speeds: dict[str, dict], bench: Artifact | None) -> dict:
         "settings": ok[0].get("settings") if ok else None,
         "runtimes": {s: r["runtime"] for s, r in speeds.items() if isinstance(r.get("runtime"), dict)},
         "thermal": {s: r["thermal"] for s, r in speeds.items() if "thermal" in r},
+        "load": {s: r["load"] for s, r in speeds.items() if "load" in r},  # agent schema 3
+        "busy": {s: r["load"]["busy"] for s, r in speeds.items() if (r.get("load") or {}).get("busy")},
         "errors": {s: r["error"] for s, r in speeds.items() if "error" in r},
     }
+
+
+def busy_warning(name: str, reason: str) -> str:
+    """The warning for figures the agent took while other work ran on the machine."""
+    return (f"{name} was measured on a busy machine ({reason}): its speeds are lower than on a quiet one; "
+            "rerun the bench when nothing else runs there")
 
 
 # --- devices and history -------------------------------------------------------------------------------------
@@ -212,36 +311,41 @@ def read_devices(bench: Artifact | None, speeds: dict[str, dict]) -> dict[str, d
         return {bench.manifest.get("target") or "local": {"facts": None, "results": speeds}} if speeds else {}
 
 
-def device_row(stage: str, label: str, result: dict, teacher_tps: float | None) -> dict:
-    """One model on one device: headline figures, latency percentiles, thermal, sweep, speed-up over the teacher."""
+def device_row(key: str, label: str, result: dict) -> dict:
+    """One model on one device: headline figures, latency percentiles, thermal, sweep (`device_report` adds the
+    speed-up over the teacher's model of the same runtime and type)."""
     if "error" in result:
-        return {"stage": stage, "name": label, "error": result["error"]}
+        return {"key": key, "stage": stage_of(key), "name": label, "error": result["error"]}
     lat, th = result.get("decode_latency_ms") or {}, result.get("thermal") or {}
-    tps = result.get("decode_tps")
     return {
-        "stage": stage, "name": label, "runtime": (result.get("runtime") or {}).get("name"),
+        "key": key, "stage": stage_of(key), "name": label, "runtime": (result.get("runtime") or {}).get("name"),
         "device_format": result.get("device_format"), **{k: result.get(k) for k in DEVICE_FIGURES},
         **{k: lat.get(k) for k in ("p50", "p95", "p99")},
         "bandwidth_gbs": (result.get("bandwidth") or {}).get("gbs"),
-        "speedup": tps / teacher_tps if tps and teacher_tps and stage != "teacher" else None,
         "temp_before": (th.get("before") or {}).get("temp_c"), "temp_after": (th.get("after") or {}).get("temp_c"),
         "throttled": (th.get("after") or {}).get("throttled_flags"),
+        "load": result.get("load"), "busy": (result.get("load") or {}).get("busy"),
         "sweep": [{k: e.get(k) for k in ("threads", "prefill_tps", "decode_tps")} for e in result.get("sweep", [])],
     }
 
 
-def device_report(target: str, device: dict, labels: dict[str, str]) -> dict:
+def device_report(target: str, device: dict, labels: dict[str, str], kinds: dict[str, str] | None = None) -> dict:
+    """One device's section; `kinds`: model key -> number format, for the speed-up's same-type teacher model."""
     results = device.get("results") or {}
-    teacher_tps = (results.get("teacher") or {}).get("decode_tps")
     facts = device.get("facts") or {}
+    rows = [device_row(k, labels.get(k, k), results[k]) for k in ordered(results)]
+    for r in rows:
+        r["kind"] = run_format(None, (kinds or {}).get(r["key"], ""), results[r["key"]])[1]
+    front.add_speedups(rows)
+    busy = [busy_warning(r["name"], r["busy"]) for r in rows if r.get("busy")]
     return {"target": target, "error": device.get("error"), "facts": {k: facts.get(k) for k in FACTS},
-            "python": (facts.get("python") or {}).get("version"), "warnings": device.get("warnings") or [],
-            "rows": [device_row(s, labels.get(s, s), results[s], teacher_tps) for s in MODEL_STAGES if s in results]}
+            "python": (facts.get("python") or {}).get("version"), "warnings": (device.get("warnings") or []) + busy,
+            "rows": rows}
 
 
 def snapshot(run_dir: Path, rows: list[dict], created: str) -> dict:
     """One point of history: a run's models by size, quality and speed at one time."""
-    keep = ("stage", "name", "bytes", "ppl", "decode_tps", "prefill_tps")
+    keep = ("key", "stage", "name", "bytes", "ppl", "decode_tps", "prefill_tps")
     return {"run": run_dir.name, "path": str(run_dir.resolve()), "created": created,
             "rows": [{k: r.get(k) for k in keep} for r in rows]}
 
@@ -266,22 +370,37 @@ def history(out: Path, current: dict) -> list[dict]:
     return sorted(unique.values(), key=lambda h: h["created"])
 
 
+def front_data(rows: list[dict], tasks: dict[str, dict], bench: Artifact | None) -> dict:
+    """The quality / decode-speed front on the bench target, and the sentence placing the student GGUF."""
+    labels = [t.get("label", n) for n, t in tasks.items()]
+    return {**front.front(rows, list(tasks)), "task_labels": labels,
+            "target": bench.manifest.get("target") if bench else None,
+            "sentence": front.verdict(rows, list(tasks), labels)}
+
+
 def report_data(inputs: list[Artifact], out: Path | None = None, with_history: bool = False) -> dict:
     """Everything the report shows, as one JSON-ready dict."""
+    from .zeroshot import read_eval
+
     by_stage = {a.stage: a for a in inputs}
-    speeds = read_speeds(by_stage.get("bench"))
-    rows = rows_from_artifacts(by_stage, speeds)
-    labels = {r["stage"]: r["name"] for r in rows}
+    speeds, evals = read_speeds(by_stage.get("bench")), read_eval(by_stage.get("eval"))
+    rows = rows_from_artifacts(by_stage, speeds, evals)
+    labels = {r["key"]: r["name"] for r in rows}
+    kinds = {k: number_format(stage_of(k), v.manifest) for k, v in model_views(by_stage).items()}
     devices = read_devices(by_stage.get("bench"), speeds)
+    tasks = evals.get("tasks") or {}
     report = {
         "schema_version": SCHEMA_VERSION,
-        "columns": [{"key": k, "header": h} for k, h, _ in COLUMNS],
+        "columns": [{"key": ".".join(k) if isinstance(k, tuple) else k, "header": h}
+                    for k, h, _ in table_columns(tasks)],
         "rows": rows,
+        "tasks": tasks,
+        "front": front_data(rows, tasks, by_stage.get("bench")),
         "recipe": {a.stage: a.manifest.get("config") or {} for a in inputs},
         "stages": [stage_facts(a) for a in inputs],
         "versions": versions(inputs),
         "bench": bench_facts(speeds, by_stage.get("bench")),
-        "devices": [device_report(t, d, labels) for t, d in devices.items()],
+        "devices": [device_report(t, d, labels, kinds) for t, d in devices.items()],
         "history": [],
     }
     if out is not None and with_history:
@@ -340,6 +459,7 @@ def bench_lines(bench: dict) -> str:
                      f"{st.get('warmup')} warm-up")
     lines += [f"- {s}: {r.get('name')} {r.get('version')}" for s, r in bench.get("runtimes", {}).items()]
     lines += [f"- **{s} failed**: {err}" for s, err in bench.get("errors", {}).items()]
+    lines += [f"- **warning**: {busy_warning(s, why)}" for s, why in (bench.get("busy") or {}).items()]
     return "\n".join(lines)
 
 
@@ -367,9 +487,43 @@ def devices_markdown(devices: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
+def front_lines(report: dict) -> str:
+    """The student GGUF against the teacher's file of its type in one sentence, the non-dominated models, and the
+    models without zero-shot figures (why)."""
+    fr = report.get("front") or {}
+    names = {p["key"]: p["name"] for p in fr.get("points") or []}
+    where = f" on {fr['target']}" if fr.get("target") else ""
+    paras = [f"{fr['sentence'][0].upper()}{fr['sentence'][1:]}." if fr.get("sentence") else
+             "No student GGUF and teacher GGUF of the same type with both speed and quality to compare."]
+    if names:
+        paras.append(f"Front of non-dominated models ({fr.get('quality')} against decode tok/s{where}): "
+                     + ", ".join(names[k] for k in fr.get("front") or []) + ".")
+    notes = [f"- {r['name']}: no zero-shot figures: {r['eval_note']}" for r in report["rows"] if r.get("eval_note")]
+    return "\n\n".join(paras + (["\n".join(notes)] if notes else []))
+
+
+def zeroshot_columns(tasks: dict[str, dict]) -> tuple:
+    return tuple((("zeroshot", t, m), f"{facts.get('label', t)} {m}", _num(".3f"))
+                 for t, facts in tasks.items() for m in ("acc", "acc_norm"))
+
+
+def zeroshot_markdown(report: dict) -> str:
+    tasks = report.get("tasks") or {}
+    about = "; ".join(f"{t.get('label', n)}: {t.get('n')} items of {t.get('source')} (chance {t.get('chance', 0):.3f})"
+                      for n, t in tasks.items())
+    rows = [r for r in report["rows"] if r.get("zeroshot")]
+    return (f"{about}. Scored as lm-eval (sum of log p over each choice's tokens; acc_norm per UTF-8 byte); "
+            f"± one standard error.\n\n" + markdown_table(rows, zeroshot_columns(tasks)))
+
+
 def render_markdown(report: dict) -> str:
     parts = [
-        "# pistill report", markdown_table(report["rows"]),
+        "# pistill report", markdown_table(report["rows"], table_columns(report.get("tasks") or {})),
+        "## Quality vs speed", front_lines(report),
+    ]
+    if report.get("tasks"):
+        parts += ["## Zero-shot accuracy", zeroshot_markdown(report)]
+    parts += [
         "## Recipe", "```toml\n" + toml_block(report["recipe"]) + "\n```",
         "## Stages", stages_table(report["stages"]),
         "## Versions", versions_table(report["versions"]),

@@ -7,7 +7,8 @@ import html
 import io
 import math
 
-from .report import COLUMNS, DEVICE_COLUMNS, MISSING, cell, device_summary, row_name, toml_block
+from .report import (DEVICE_COLUMNS, MISSING, device_summary, row_cell, row_name, table_columns, toml_block,
+                     zeroshot_columns)
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px}
@@ -148,6 +149,37 @@ def history_chart(history: list[dict]):
     return fig
 
 
+FRONT_TITLE = "Quality vs decode speed"
+
+
+def front_chart(fr: dict):
+    """Quality (mean acc_norm over the tasks, or perplexity) against decode tok/s on the bench target, with the front
+    of non-dominated models drawn through them."""
+    from matplotlib.figure import Figure
+
+    points, on = fr.get("points") or [], set(fr.get("front") or [])
+    if not points:
+        return None
+    fig = Figure(figsize=(7.5, 4.6))
+    ax = fig.add_subplot()
+    line = sorted((p for p in points if p["key"] in on), key=lambda p: p["decode_tps"])
+    ax.plot([p["decode_tps"] for p in line], [p["quality"] for p in line], "--", color="#c44e52", zorder=2,
+            label="front (not dominated)")
+    for p in points:
+        ax.scatter(p["decode_tps"], p["quality"], s=80, zorder=3, color="#c44e52" if p["key"] in on else "#4c72b0")
+        ax.annotate(p["name"], (p["decode_tps"], p["quality"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if not fr.get("higher_is_better"):
+        ax.invert_yaxis()  # up is better either way
+    ax.margins(0.2)
+    ax.legend(fontsize=8)
+    where = f" on {fr['target']}" if fr.get("target") else ""
+    ax.set_xlabel(f"decode tok/s{where}")
+    tasks = ", ".join(fr.get("task_labels") or fr.get("tasks") or [])
+    ax.set_ylabel(f"mean acc_norm ({tasks})" if fr.get("higher_is_better") else "perplexity (lower is better)")
+    ax.set_title("quality vs decode speed")
+    return fig
+
+
 def charts(report: dict) -> dict[str, str]:
     """Title -> base64 PNG, for the charts the data supports."""
     figs = {"Size, quality and latency per stage": stage_chart(report["rows"]) if report["rows"] else None,
@@ -166,7 +198,7 @@ def e(x: object) -> str:
 
 def html_table(rows: list[dict], columns) -> str:
     head = "<tr><th>model</th>" + "".join(f"<th>{e(h)}</th>" for _, h, _ in columns) + "</tr>"
-    body = "".join("<tr><td>" + e(row_name(r)) + "</td>" + "".join(f'<td class="n">{e(cell(r.get(k), f))}</td>'
+    body = "".join("<tr><td>" + e(row_name(r)) + "</td>" + "".join(f'<td class="n">{e(row_cell(r, k, f))}</td>'
                                                                     for k, _, f in columns) + "</tr>" for r in rows)
     return f"<table>{head}{body}</table>"
 
@@ -189,15 +221,40 @@ def devices_html(devices: list[dict]) -> str:
     return "".join(parts)
 
 
+def img(title: str, b64: str) -> str:
+    return f'<h3>{e(title)}</h3><img alt="{e(title)}" src="data:image/png;base64,{b64}">'
+
+
+def front_html(report: dict) -> str:
+    """The front chart with the sentence placing the student under it, and the models left without accuracy."""
+    fr = report.get("front") or {}
+    fig = front_chart(fr)
+    parts = [img(FRONT_TITLE, png(fig))] if fig is not None else []
+    if fr.get("sentence"):
+        parts.append(f'<p class="front"><b>{e(fr["sentence"][0].upper() + fr["sentence"][1:])}.</b></p>')
+    notes = "".join(f"<li>{e(r['name'])}: no zero-shot figures: {e(r['eval_note'])}</li>"
+                    for r in report["rows"] if r.get("eval_note"))
+    return "".join(parts) + (f'<ul class="warn">{notes}</ul>' if notes else "")
+
+
+def zeroshot_html(report: dict) -> str:
+    tasks = report.get("tasks") or {}
+    about = "; ".join(f"{t.get('label', n)}: {t.get('n')} items of {t.get('source')} (chance {t.get('chance', 0):.3f})"
+                      for n, t in tasks.items())
+    rows = [r for r in report["rows"] if r.get("zeroshot")]
+    return f"<p>{e(about)}; ± one standard error.</p>" + html_table(rows, zeroshot_columns(tasks))
+
+
 def render_html(report: dict) -> str:
-    imgs = "".join(f'<h3>{e(t)}</h3><img alt="{e(t)}" src="data:image/png;base64,{b}">'
-                   for t, b in charts(report).items())
+    imgs = "".join(img(t, b) for t, b in charts(report).items())
     bench = report.get("bench") or {}
     body = [
-        "<h1>pistill report</h1>", html_table(report["rows"], COLUMNS), errors_html(report["rows"], "bench_error"),
-        f"<p>benchmark target: {e(bench.get('target') or MISSING)}</p>",
-        "<h2>Charts</h2>", imgs or "<p>no figures to chart</p>",
+        "<h1>pistill report</h1>", html_table(report["rows"], table_columns(report.get("tasks") or {})),
+        errors_html(report["rows"], "bench_error"), f"<p>benchmark target: {e(bench.get('target') or MISSING)}</p>",
+        "<h2>Charts</h2>", front_html(report), imgs or "<p>no figures to chart</p>",
     ]
+    if report.get("tasks"):
+        body += ["<h2>Zero-shot accuracy</h2>", zeroshot_html(report)]
     if report.get("devices"):
         body += ["<h2>Devices</h2>", devices_html(report["devices"])]
     body += ["<h2>Recipe</h2>", f"<pre>{e(toml_block(report['recipe']))}</pre>"]

@@ -38,6 +38,6 @@ def tiny_data(tiny_teacher, tmp_path_factory):
     """A small `data` artifact for the tiny teacher (block 64; 4 calib, 16 train, 2 held-out blocks)."""
     from pistill.data import DataConfig, run
 
-    cfg = DataConfig(block_size=64, calib_blocks=4, train_blocks=16, heldout_blocks=2, generate=4,
-                     gen_tokens=16, topk=16)
+    cfg = DataConfig(block_size=64, calib_blocks=4, train_blocks=16, heldout_blocks=2, instructions=4, generate=4,
+                     gen_tokens=16, parallel=4, threads=1, topk=16)
     return run([tiny_teacher], cfg, tiny_teacher.path.parent / "data")

@@ -33,11 +33,11 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 AllowTcpForwarding yes
-Subsystem sftp internal-sftp
+Subsystem sftp internal-sftp{sftp_args}
 LogLevel VERBOSE
 # bash sources ~/.bashrc when it sees it runs under sshd at shell level 1; a slow .bashrc (pyenv init) would add
 # half a second to every command, so sessions start one level deeper
-SetEnv SHLVL=1
+SetEnv SHLVL=1{env}
 """
 
 
@@ -68,12 +68,17 @@ def wait_listening(port: int, proc: subprocess.Popen, log: Path, limit_s: float 
 
 @dataclass
 class SSHServer:
-    """One sshd process; `spec` is the pistill target string, `known_hosts` already trusts its host key."""
+    """One sshd process; `spec` is the pistill target string, `known_hosts` already trusts its host key.
+
+    `env` is set in every session (SetEnv); with `own_home`, SFTP starts in `<dir>/home`, so `~` in a remote path
+    (what pistill expands through SFTP) is this device's own folder, as on separate machines."""
 
     dir: Path
     port: int = field(default_factory=free_port)
     user: str = field(default_factory=getpass.getuser)
     proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    own_home: bool = False
 
     def __post_init__(self):
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +90,13 @@ class SSHServer:
         self.ssh_config = self.dir / "ssh_config"
         self.ssh_config.write_text(f"Host testpi\n  HostName 127.0.0.1\n  Port {self.port}\n  User {self.user}\n"
                                    f"  IdentityFile {self.client_key}\nHost *\n  IdentityFile {self.client_key}\n")
-        (self.dir / "sshd_config").write_text(CONFIG.format(port=self.port, dir=self.dir, user=self.user))
+        sftp_args = ""
+        if self.own_home:
+            (self.dir / "home").mkdir(exist_ok=True)
+            sftp_args = f" -d {self.dir}/home"
+        env = "".join(f" {k}={v}" for k, v in self.env.items())
+        (self.dir / "sshd_config").write_text(CONFIG.format(port=self.port, dir=self.dir, user=self.user,
+                                                            sftp_args=sftp_args, env=env))
 
     @property
     def spec(self) -> str:
@@ -146,8 +157,9 @@ def sshd_factory(tmp_path):
     _need_sshd()
     servers = []
 
-    def start(name: str = "srv", run: bool = True) -> SSHServer:
-        server = SSHServer(tmp_path / f"{name}{len(servers)}")
+    def start(name: str = "srv", run: bool = True, env: dict[str, str] | None = None,
+              own_home: bool = False) -> SSHServer:
+        server = SSHServer(tmp_path / f"{name}{len(servers)}", env=env or {}, own_home=own_home)
         servers.append(server)
         return server.start() if run else server
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def run_agent(*args: str) -> subprocess.CompletedProcess:
 
 def check_schema(out: dict, runtime: str, lengths: list[int], gen_tokens: int, threads: tuple[int, ...] = (2,)) -> None:
     threads = list(threads)
-    assert out["schema_version"] == agent.SCHEMA_VERSION == 2
+    assert out["schema_version"] == agent.SCHEMA_VERSION == 3
     assert out["runtime"]["name"] == runtime and out["runtime"]["version"]
     assert {"hostname", "machine", "cores", "python"} <= set(out["host"])
     assert out["settings"]["prompt_tokens"] == lengths and out["settings"]["gen_tokens"] == gen_tokens
@@ -53,6 +54,14 @@ def check_schema(out: dict, runtime: str, lengths: list[int], gen_tokens: int, t
     assert out["peak_rss_mb"] > 0
     assert set(out["thermal"]) == {"before", "after"}
     assert set(out["thermal"]["before"]) == {"temp_c", "cpu_mhz", "throttled", "throttled_flags"}
+    load = out["load"]
+    assert load["cores"] == os.cpu_count() and set(load) == {"cores", "before", "during", "after", "busy"}
+    for sample in (load["before"], load["after"]):
+        assert len(sample["loadavg"]) == 3 and sample["other_cores"] >= 0
+        assert sample["busy_count"] >= len(sample["busy_processes"])
+        assert all(p["cores"] >= agent.BUSY_PROCESS_CORES and p["pid"] != 0 for p in sample["busy_processes"])
+    assert load["during"]["other_cores"] >= 0 and load["during"]["wall_s"] > 0
+    assert load["busy"] == agent.busy_reason(load, max(threads))
     if out["settings"]["bandwidth_mb"]:
         assert out["bandwidth"]["gbs"] > 0 and 0 < out["decode_bw_fraction"] < 10
         assert out["decode_bw_fraction"] == pytest.approx(out["model"]["bytes"] * out["decode_tps"]
@@ -190,6 +199,42 @@ def test_throttled_is_none_off_a_pi(monkeypatch):
 ])
 def test_throttle_flags(value, flags):
     assert agent.throttle_flags(value) == flags
+
+
+def _load(cores, before, during, after, load1=0.1, names=()):
+    procs = [{"pid": i + 1, "name": n, "cores": 1.0} for i, n in enumerate(names)]
+    return {"cores": cores, "during": {"other_cores": during, "wall_s": 10.0},
+            "before": {"loadavg": None if load1 is None else [load1, 0.1, 0.1], "other_cores": before,
+                       "busy_processes": procs, "busy_count": len(procs)},
+            "after": {"loadavg": [0.1, 0.1, 0.1], "other_cores": after, "busy_processes": [], "busy_count": 0}}
+
+
+@pytest.mark.parametrize("load, threads, expected", [
+    (_load(4, 0.05, 0.04, 0.06), 4, None),  # a quiet Pi
+    (_load(4, 1.0, 1.0, 1.0, names=["yes"]), 4, "other work used 1.0 of 4 cores while it ran (yes 1.0)"),
+    (_load(2, 0.6, 0.6, 0.6), 2, "other work used 0.6 of 2 cores while it ran"),  # half a core at least
+    (_load(2, 0.4, 0.4, 0.4), 2, None),
+    (_load(16, 3.0, 3.0, 3.0), 2, None),  # a quarter of the cores on a big machine
+    (_load(4, 2.0, 0.1, 0.0), 4, None),  # one spike before the model is not a busy machine
+    (_load(4, 1.5, 0.2, 1.2), 4, "other work used 1.2 of 4 cores while it ran"),  # there before and after
+    (_load(4, None, None, None, load1=9.0), 4, "the 1-minute load average was 9.0 on 4 cores before it ran"),
+    (_load(4, None, None, None, load1=7.5), 4, None),  # our own previous model can leave up to its threads
+    (_load(4, None, None, None, load1=None), 4, None),  # nothing measurable (no /proc, no load average)
+])
+def test_busy_reason(load, threads, expected):
+    assert agent.busy_reason(load, threads) == expected
+
+
+def test_load_sample_sees_a_busy_process():
+    burner = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)  # one core, for about a second
+    try:
+        sample = agent.load_sample(0.8)
+    finally:
+        burner.kill()
+        burner.wait()
+    mine = [p for p in sample["busy_processes"] if p["pid"] == burner.pid]
+    assert mine and mine[0]["name"] == "yes" and mine[0]["cores"] > 0.3, sample
+    assert sample["other_cores"] > 0.3 and sample["busy_count"] >= 1 and len(sample["loadavg"]) == 3
 
 
 def test_bandwidth_probe_and_fraction():

@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from pistill.artifact import ArtifactWriter, config_dict
-from pistill.device.bench import SUMMARY, BenchConfig, agent_command, bench_model, failure, run
+from pistill.device import agent
+from pistill.device.bench import SUMMARY, BenchConfig, agent_command, agent_json, bench_model, failure, run
 from tiny import FakeConfig, model_artifact
 
 QUICK = BenchConfig(threads=1, prompt_tokens=[8], gen_tokens=4, repeats=1, warmup=0, timeout_s=300, cooldown_s=0,
@@ -93,6 +94,9 @@ def test_fleet_from_target_targets_or_inventory(tmp_path):
     inv.write_text("pi@ok\nnot valid\n")
     with pytest.raises(ValueError, match="target 'not valid' is not understood"):
         BenchConfig(inventory=str(inv)).validate_paths()
+    inv.write_text("pi@a\npi@b  # the shelf\npi@a\n")  # the same device twice, as `targets` refuses
+    with pytest.raises(ValueError, match=r"names pi@a twice; list each device once$"):
+        BenchConfig(inventory=str(inv)).validate_paths()
     with pytest.raises(ValueError, match="does not exist"):
         BenchConfig(inventory=str(tmp_path / "none.txt")).validate_paths()
 
@@ -105,6 +109,28 @@ def test_fleet_from_target_targets_or_inventory(tmp_path):
 ])
 def test_failure(rc, stderr, expected):
     assert failure(subprocess.CompletedProcess([], rc, "", stderr)) == expected
+
+
+GOOD = {"schema_version": 3, "runtime": {"name": "llama_cpp", "version": "0.3"}, "prefill_tps": 9.0,
+        "decode_tps": 3.0, "ttft_s": 0.1, "peak_rss_mb": 50.0, "load_s": 0.2}
+
+
+@pytest.mark.parametrize("stdout, error", [
+    ("null\n", "agent printed JSON that is not its result object: 'null'"),
+    ('{"decode_tps": 3}\n[1]\n', "agent printed JSON that is not its result object"),
+    ("42", "agent printed JSON that is not its result object: '42'"),
+    ('"text"', "agent printed JSON that is not its result object: '\"text\"'"),
+    ("{}", "agent printed an object without prefill_tps, decode_tps, ttft_s, peak_rss_mb, load_s, runtime"),
+    ("", "agent printed no JSON"),
+    ("Segmentation fault", "agent printed no JSON"),
+])
+def test_agent_json_that_is_not_the_result(stdout, error):
+    out = agent_json(stdout, "llama_cpp")
+    assert out["runtime"] == "llama_cpp" and out["error"].startswith(error), out
+
+
+def test_agent_json_keeps_a_result():
+    assert agent_json("log line\n" + json.dumps(GOOD) + "\n", "llama_cpp") == GOOD
 
 
 def test_bench_model_times_out(teacher):
@@ -124,9 +150,68 @@ def test_run_records_broken_model_and_finishes_others(teacher, gguf, broken, tmp
     assert list(results) == ["teacher", "quantize", "gguf"]
     assert results["quantize"]["error"].startswith("agent: error: llama_cpp failed on ")
     for stage, runtime in (("teacher", "torch"), ("gguf", "llama_cpp")):
-        assert results[stage]["runtime"]["name"] == runtime and results[stage]["schema_version"] == 2
+        assert results[stage]["runtime"]["name"] == runtime and results[stage]["schema_version"] == 3
         assert results[stage]["bandwidth"]["gbs"] > 0 and results[stage]["decode_bw_fraction"] > 0
         assert set(art.metrics[stage]) == set(SUMMARY) and all(v > 0 for v in art.metrics[stage].values())
     assert art.metrics["quantize"] == {"error": results["quantize"]["error"]}
     assert art.manifest["target"] == "local" and art.manifest["host"]["cores"] >= 1
     assert not art.file("devices.json").exists() and "devices" not in art.metrics  # local: as before
+
+
+def _report(model, bench):
+    from pistill.report import render_markdown, report_data
+    from pistill.report_html import render_html
+
+    report = report_data([model, bench])
+    return report, render_markdown(report), render_html(report)
+
+
+def test_busy_machine_is_flagged_in_the_bench_and_the_report(gguf, tmp_path):
+    """A CPU burner runs through a local bench: the agent records it and the report warns."""
+    burner = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)  # a core busy for the few seconds of the bench
+    try:
+        art = run([gguf], QUICK, tmp_path / "bench")
+    finally:
+        burner.kill()
+        burner.wait()
+    load = json.loads(art.file("bench.json").read_text())["gguf"]["load"]
+    assert load["during"]["other_cores"] >= 0.5 and load["cores"] >= 1
+    assert any(p["pid"] == burner.pid and p["name"] == "yes" for p in load["before"]["busy_processes"]), load
+    assert load["busy"].startswith("other work used ") and " cores while it ran (" in load["busy"]  # names the busiest
+    report, md, html = _report(gguf, art)
+    assert report["bench"]["busy"] == {"gguf": load["busy"]} and report["bench"]["load"]["gguf"] == load
+    row = report["devices"][0]["rows"][0]
+    assert row["busy"] == load["busy"] and row["load"] == load  # report.json keeps the figures
+    assert md.count("was measured on a busy machine (other work used ") == 2  # bench host and device sections
+    assert "was measured on a busy machine" in html
+
+
+def test_quiet_machine_has_no_busy_warning(gguf, tmp_path):
+    quiet = agent.load_sample(1.0)
+    if quiet["other_cores"] is None or quiet["other_cores"] >= 0.2:
+        pytest.skip(f"this machine is busy with other work ({quiet['other_cores']} cores); the quiet case needs "
+                    "a quiet machine (CI)")
+    art = run([gguf], QUICK, tmp_path / "bench")
+    load = json.loads(art.file("bench.json").read_text())["gguf"]["load"]
+    assert load["busy"] is None and load["during"]["other_cores"] < agent.BUSY_MIN_CORES, load
+    report, md, html = _report(gguf, art)
+    assert report["bench"]["busy"] == {} and report["bench"]["load"]["gguf"] == load
+    assert "busy machine" not in md and "busy machine" not in html
+
+
+def test_run_benches_every_model_of_an_artifact(tiny_model, teacher, tmp_path):
+    """An artifact holding two models (the baseline's teacher files): both timed, keyed baseline and
+    baseline:Q8_0 in bench.json and the metrics; a one-model artifact keeps its stage as key."""
+    from pistill.export.gguf import write_gguf
+
+    with ArtifactWriter(tmp_path / "baseline", "baseline", FakeConfig(), []) as w:
+        for name in ("a.gguf", "b.gguf"):
+            write_gguf(tiny_model, w.dir / name, "f16")
+        w.model = {"format": "gguf", "file": "a.gguf"}
+        w.models = [{"key": "baseline", "format": "gguf", "file": "a.gguf"},
+                    {"key": "baseline:Q8_0", "format": "gguf", "file": "b.gguf"}]
+    art = run([teacher, w.artifact], QUICK, tmp_path / "bench")
+    results = json.loads(art.file("bench.json").read_text())
+    assert list(results) == ["teacher", "baseline", "baseline:Q8_0"]
+    assert {r["model"]["path"].rsplit("/", 1)[-1] for k, r in results.items() if k != "teacher"} == {"a.gguf", "b.gguf"}
+    assert all(results[k]["decode_tps"] > 0 and art.metrics[k]["decode_tps"] > 0 for k in results)

@@ -35,11 +35,13 @@ def test_unknown_force_stage_and_missing_recipe(tmp_path):
     assert p.returncode == 2 and "does not exist" in p.stderr
     (tmp_path / "ok.toml").write_text("")
     p, _ = pistill("run", str(tmp_path / "ok.toml"), "--force", "prunee")
-    assert p.returncode == 1 and "stage 'prunee' is unknown" in p.stderr
+    assert p.returncode == 2 and "stage 'prunee' is unknown" in p.stderr
 
 
 def test_stage_subcommand_needs_artifacts(tmp_path):
     p, _ = pistill("prune", str(tmp_path))
     assert p.returncode == 1 and "is not a pistill artifact" in p.stderr
     p, _ = pistill("prune", str(tmp_path), "--input", "teacher")
-    assert p.returncode == 1 and "STAGE=DIR" in p.stderr
+    assert p.returncode == 2 and "STAGE=DIR" in p.stderr
+    p, _ = pistill("distill", str(tmp_path), "--input", f"distil={tmp_path}")  # a typo is refused, not ignored
+    assert p.returncode == 2 and "reads no stage 'distil'; valid: data, prune, quantize" in p.stderr

@@ -135,7 +135,8 @@ def test_distill_loss_blends(alpha):
 
 @pytest.mark.parametrize("cfg", [DistillConfig(), DistillConfig(steps=3, grad_accum=2, alpha=0.5, temperature=2.0,
                                                                 eval_every=0, ckpt_every=0, threads=1),
-                                 DistillConfig(loss="jsd", beta=0.1), DistillConfig(loss="reverse_kl", teacher_topk=64)])
+                                 DistillConfig(loss="jsd", beta=0.1), DistillConfig(loss="reverse_kl", teacher_topk=64),
+                                 DistillConfig(qat="q4_0", qat_start=0.25), DistillConfig(qat="int4")])
 def test_config_round_trip(cfg):
     d = config_dict(cfg)
     assert d.pop("version") == DistillConfig.VERSION
@@ -148,6 +149,7 @@ def test_config_round_trip(cfg):
     ({"temperature": 0.0}, "temperature = 0.0"), ({"ckpt_every": -1}, "ckpt_every = -1"), ({"clip": -1.0}, "clip"),
     ({"loss": "kl"}, "supported: forward_kl, jsd, reverse_kl"), ({"beta": 1.5}, "beta = 1.5"),
     ({"teacher_topk": -1}, "teacher_topk = -1"), ({"grad_checkpointing": "yes"}, "auto, on, off"),
+    ({"qat": "q4"}, "qat 'q4' is not supported; use one of none, q4_0, int4"), ({"qat_start": 1.0}, "qat_start = 1.0"),
 ])
 def test_config_rejects_bad_values(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -263,6 +265,55 @@ def test_kill_and_resume_matches_an_uninterrupted_run(teacher, student_dir, tmp_
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # step 3 was redone, not logged twice
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_kill_and_resume_with_qat_matches_an_uninterrupted_run(teacher, student_dir, tmp_path, monkeypatch):
+    """QAT from step 3 of 6, checkpoints every 2 steps, killed in step 6: the run resumes from the step-4 checkpoint
+    (latent weights, taken while QAT was on), turns QAT on again at once, and ends with the weights, on the Q4_0
+    grid, of a run never stopped."""
+    from pistill.compress.qat import fake_q4_0
+
+    cfg = DistillConfig(steps=6, lr=3e-3, warmup_steps=1, eval_every=0, ckpt_every=2, qat="q4_0", qat_start=0.34)
+    data = blocks()
+    whole = load(student_dir)
+    want = train(whole, teacher, data, data[:2], cfg, tmp_path / "whole")
+    assert want["qat"] == "q4_0" and want["qat_from_step"] == 3
+    real_step, calls = distill._train_step, []
+
+    def killed_in_step_6(*args):
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real_step(*args)
+
+    monkeypatch.setattr(distill, "_train_step", killed_in_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(load(student_dir), teacher, data, data[:2], cfg, tmp_path / "resumed")
+    monkeypatch.setattr(distill, "_train_step", real_step)
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["step"] == 4
+    resumed = load(student_dir)
+    got = train(resumed, teacher, data, data[:2], cfg, tmp_path / "resumed")
+    assert got["loss_last"] == pytest.approx(want["loss_last"], rel=1e-4)
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+        if name.startswith("model.layers.") and a.dim() == 2:
+            assert torch.equal(fake_q4_0(b), b), name  # baked onto the grid, plain modules again
+    assert type(resumed.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("layout", ["q4_0", "int4"])
+def test_training_through_fake_quantized_weights_moves_them_and_lowers_the_loss(teacher, student_dir, layout):
+    """QAT from the first step: the straight-through gradient reaches the latent weights (the quantized model
+    improves), and the student ends with its weights on the layout's grid."""
+    from pistill.compress.qat import LAYOUTS, targets
+
+    cfg = DistillConfig(steps=12, lr=3e-3, warmup_steps=2, eval_every=0, ckpt_every=0, qat=layout, qat_start=0.0)
+    student, start = load(student_dir), load(student_dir)
+    summary = train(student, teacher, blocks(), blocks(2, seed=1), cfg)
+    assert summary["loss_last"] < summary["loss_first"] and summary["qat_from_step"] == 1
+    fq = LAYOUTS[layout].fake_quantize
+    for m, m0 in zip(targets(student, LAYOUTS[layout]), targets(start, LAYOUTS[layout])):
+        assert torch.equal(fq(m.weight), m.weight) and not torch.equal(m.weight, fq(m0.weight))
 
 
 def test_checkpoint_of_another_config_is_not_resumed(teacher, student_dir, tmp_path):

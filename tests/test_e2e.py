@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from pistill.pipeline import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_STAGES = {"teacher": "hf", "prune": "hf", "quantize": "hf", "distill": "hf", "gguf": "gguf", "onnx": "onnx"}
-ALL = ["teacher", "data", "prune", "quantize", "distill", "gguf", "onnx", "bench", "report"]
+MODEL_STAGES = {"teacher": "hf", "prune": "hf", "quantize": "hf", "distill": "hf", "gguf": "gguf", "onnx": "onnx",
+                "baseline": "gguf"}
+ALL = [s.name for s in STAGES]
+ROWS = ["teacher", "teacher GGUF Q4_0", "teacher GGUF Q8_0", "pruned", "quantized teacher", "student",
+        "student GGUF Q4_0", "student ONNX int4"]
 
 pytestmark = pytest.mark.e2e
 
@@ -49,18 +54,40 @@ def test_every_artifact_is_complete(smoke):
     pruned = json.loads((out / "prune" / "manifest.json").read_text())["metrics"]
     teacher = json.loads((out / "teacher" / "manifest.json").read_text())["metrics"]
     assert pruned["params"] < teacher["params"]
+    baseline = json.loads((out / "baseline" / "manifest.json").read_text())
+    assert [m["key"] for m in baseline["models"]] == ["baseline", "baseline:Q8_0"]
+    q4, q8 = (m["metrics"] for m in baseline["models"])
+    assert q4["params"] == q8["params"] and q4["bytes"] < q8["bytes"] < teacher["bytes"] and q8["kl"] < q4["kl"]
 
 
-def test_report_has_six_rows_with_figures(smoke):
+def test_report_has_every_row_with_figures(smoke):
+    import torch
+
     out, _ = smoke
     rep = json.loads((out / "report" / "report.json").read_text())
-    rows = rep["rows"]
-    assert len(rows) == 6
-    for row in rows:
-        for key in ("params", "bytes", "ppl", "agreement", "prefill_tps", "decode_tps"):
+    rows = {r["key"]: r for r in rep["rows"]}
+    assert [r["name"] for r in rep["rows"]] == ROWS
+    for row in rows.values():
+        for key in ("params", "bytes", "ppl", "agreement", "prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb"):
             assert isinstance(row.get(key), (int, float)) and row[key] > 0, (row.get("name"), key)
+    assert list(rep["tasks"]) == ["arc_easy", "piqa"]
+    for key, row in rows.items():
+        if key == "quantize" and not torch.cuda.is_available():  # the NF4 teacher is not scored on a CPU
+            assert "bitsandbytes" in row["eval_note"] and not row["zeroshot"]
+            continue
+        for task in ("arc_easy", "piqa"):
+            z = row["zeroshot"][task]
+            assert z["n"] == 20 and 0 <= z["acc_norm"] <= 1 and 0 < z["acc_norm_stderr"] < 0.2, (key, task, z)
+    # the speed-up compares the same runtime and quant: student GGUF Q4_0 with the teacher's own Q4_0 file
+    assert rows["gguf"]["speedup"] == pytest.approx(rows["gguf"]["decode_tps"] / rows["baseline"]["decode_tps"])
+    assert rows["gguf"]["speedup_vs"] == "teacher GGUF Q4_0" and rows["distill"]["speedup_vs"] == "teacher"
+    assert rows["onnx"]["speedup"] is None and rows["quantize"]["speedup"] is None
+    assert rep["front"]["sentence"].startswith("the student is ") and rep["front"]["front"]
     md = (out / "report" / "report.md").read_text()
-    assert md.count("\n|") >= 8  # header, rule and six rows
+    assert md.count("\n|") >= 10  # header, rule and eight rows
+    assert "## Quality vs speed\n\nThe student is " in md and "| student GGUF Q4_0 |" in md
+    page = (out / "report" / "report.html").read_text()
+    assert '<img alt="Quality vs decode speed"' in page and '<p class="front">' in page
 
 
 def test_rerun_skips_everything_and_deleting_reruns_the_rest(smoke):
@@ -68,4 +95,4 @@ def test_rerun_skips_everything_and_deleting_reruns_the_rest(smoke):
     assert not any(run(out).values())
     shutil.rmtree(out / "gguf")
     ran = run(out)
-    assert [s for s, r in ran.items() if r] == ["gguf", "bench", "report"]
+    assert [s for s, r in ran.items() if r] == ["gguf", "baseline", "bench", "eval", "report"]

@@ -6,15 +6,22 @@ The "devices" are sshd processes on 127.0.0.1; their python is this venv's, wher
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
+import os
 import shutil
+import signal
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from pistill.device import fleet, transfer
 from pistill.device import target as T
-from pistill.device.bench import BenchConfig, run
+from pistill.device.bench import BenchConfig, BenchInterrupted, run
 from sshd import sshd_factory  # noqa: F401 (fixture)
 from tiny import model_artifact
 
@@ -73,7 +80,7 @@ def test_fleet_with_one_device_down(models, onnx_student, lab, tmp_path):
     assert any(w.startswith("not a Raspberry Pi") for w in good["warnings"]) or good["facts"]["board_kind"]
     for stage in ("teacher", "gguf"):  # teacher and student on the same device, both through llama.cpp
         r = good["results"][stage]
-        assert r["schema_version"] == 2 and r["runtime"]["name"] == "llama_cpp" and r["decode_tps"] > 0, r
+        assert r["schema_version"] == 3 and r["runtime"]["name"] == "llama_cpp" and r["decode_tps"] > 0, r
         assert r["model"]["path"].startswith(str(tmp_path / "device-cache" / "trees"))
     assert good["results"]["teacher"]["device_format"] == "as GGUF Q4_0"
     onnx = good["results"]["onnx"]
@@ -174,8 +181,10 @@ def test_cli_bench_with_an_unreachable_target(sshd_factory, tmp_path):
 
     down = sshd_factory("down", run=False)
     run_dir = tmp_path / "run"
-    for stage in ("teacher", "prune", "quantize", "distill", "gguf", "onnx"):
-        model_artifact(run_dir, stage, "gguf", lambda d: (d / "m.gguf").write_bytes(b"GGUF") and "m.gguf")
+    from pistill.pipeline import stage
+
+    for name in stage("bench").inputs:
+        model_artifact(run_dir, name, "gguf", lambda d: (d / "m.gguf").write_bytes(b"GGUF") and "m.gguf")
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "known_hosts").write_text(down.known_hosts.read_text())
@@ -185,3 +194,162 @@ def test_cli_bench_with_an_unreachable_target(sshd_factory, tmp_path):
     assert p.returncode == 1, p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("pistill: error: no device could be benchmarked: ")
     assert not (run_dir / "bench").exists()
+
+
+# --- faults: Ctrl-C, a device's junk output, a damaged device copy, a changed local file ---------------------
+
+@pytest.fixture(scope="module")
+def ggufs(tiny_model, tmp_path_factory):
+    """Three GGUF model artifacts (a.gguf, b.gguf, c.gguf: one blob, three trees on a device)."""
+    gguf = pytest.importorskip("pistill.export.gguf", reason="the GGUF exporter (export/gguf.py) is not there")
+    root = tmp_path_factory.mktemp("ggufs")
+    src = gguf.write_gguf(tiny_model, root / "tiny.gguf", "f32")
+    return [model_artifact(root, stage, "gguf", lambda d, n=name: shutil.copy(src, d / n) and n)
+            for stage, name in (("quantize", "a.gguf"), ("distill", "b.gguf"), ("gguf", "c.gguf"))]
+
+
+def pair(sshd_factory, tmp_path, monkeypatch, env_b: dict | None = None):
+    """Two devices with their own `~` (SFTP home), trusted and reachable through ~/.ssh/config."""
+    a, b = sshd_factory("a", own_home=True), sshd_factory("b", env=env_b, own_home=True)
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host *\n  IdentityFile {a.client_key}\n  IdentityFile {b.client_key}\n")
+    known = tmp_path / "known_hosts"
+    known.write_text(a.known_hosts.read_text() + b.known_hosts.read_text())
+    monkeypatch.setattr(T, "USER_SSH_CONFIG", config)
+    monkeypatch.setattr(T, "USER_KNOWN_HOSTS", known)
+    return a, b
+
+
+def agents_on(device) -> list[int]:
+    """Pids of live agent processes whose command line is under this device's own home."""
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0")
+            state = (d / "stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and any(a.endswith(b"/agent.py") and str(device.dir).encode() in a for a in args):
+            pids.append(int(d.name))
+    return pids
+
+
+def interrupt_when(ready, limit_s: float = 120.0) -> dict:
+    """A thread that sends SIGINT to this process (Ctrl-C) once `ready()`; the dict gets the time it did."""
+    sent: dict = {}
+
+    def watch():
+        end = time.monotonic() + limit_s
+        while time.monotonic() < end and not ready():
+            time.sleep(0.05)
+        if time.monotonic() < end:
+            sent["t"] = time.monotonic()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return sent
+
+
+def test_ctrl_c_stops_a_fleet_at_once_and_kills_the_agents(ggufs, sshd_factory, tmp_path, monkeypatch, caplog):
+    """Two devices, three models each, 8 s of cooldown inside every model: Ctrl-C while both run the second model
+    stops the fleet in seconds (not the 16 s the models had left, nor timeout_s), kills both agents on the devices,
+    keeps the first model's figures and writes no bench artifact."""
+    a, b = pair(sshd_factory, tmp_path, monkeypatch)
+    cfg = quick(tmp_path, targets=[a.spec, b.spec], remote_cache="~/cache", repeats=2, cooldown_s=8.0,
+                bandwidth_mb=0, timeout_s=300)
+
+    def second_model_running() -> bool:
+        return all(any(b"b.gguf" in Path(f"/proc/{p}/cmdline").read_bytes() for p in agents_on(d)) for d in (a, b))
+
+    sent = interrupt_when(second_model_running)
+    with caplog.at_level(logging.WARNING), pytest.raises(BenchInterrupted) as stopped:
+        run(ggufs, cfg, tmp_path / "bench")
+    took = time.monotonic() - sent["t"]
+    assert took < 6, f"the fleet took {took:.1f} s to stop"
+    assert agents_on(a) == [] and agents_on(b) == []  # killed on the devices, not left running
+    for dev in (a, b):
+        d = stopped.value.devices[dev.spec]
+        assert d["results"]["quantize"]["decode_tps"] > 0 and set(d["results"]) == {"quantize"}  # what finished
+        assert d["error"] == f"{dev.spec}: interrupted while benchmarking distill; its agent was stopped"
+        assert f"bench interrupted: {dev.spec}: finished quantize (decode " in caplog.text
+        assert any((dev.dir / "home" / "cache" / "blobs").iterdir())  # uploads kept: a rerun sends nothing
+    assert "not finished: distill, gguf" in caplog.text
+    assert not (tmp_path / "bench").exists() and not list(tmp_path.glob(".bench.tmp-*"))  # no half artifact
+
+
+@pytest.mark.parametrize("junk", ["null", "[1]", "42"])
+def test_agent_output_that_is_not_an_object_fails_only_that_device(junk, ggufs, sshd_factory, tmp_path,
+                                                                    monkeypatch):
+    """On device b, python prints `junk` as the last stdout line after the agent's JSON (a sitecustomize with an
+    atexit hook): valid JSON, not the agent's object. That model fails on b; device a finishes; the stage ends."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import atexit, sys\n"
+        f"if sys.argv and sys.argv[0].endswith('agent.py'):\n    atexit.register(print, {junk!r})\n")
+    a, b = pair(sshd_factory, tmp_path, monkeypatch, env_b={"PYTHONPATH": str(site)})
+    art = run(ggufs[2:], quick(tmp_path, targets=[a.spec, b.spec], remote_cache="~/cache"), tmp_path / "bench")
+    devices = json.loads(art.file("devices.json").read_text())
+    bad = devices[b.spec]["results"]["gguf"]
+    assert set(bad) == {"error", "runtime"} and bad["runtime"] == "llama_cpp"
+    assert bad["error"].startswith("agent printed JSON that is not its result object: ")
+    assert bad["error"].endswith(f"\\n{junk}'")  # the tail of stdout: the agent's JSON line, then the junk
+    assert devices[a.spec]["results"]["gguf"]["decode_tps"] > 0 and "error" not in devices[a.spec]
+    assert art.manifest["target"] == a.spec and art.metrics["devices"][b.spec]["gguf"]["error"]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_damaged_device_copy_is_found_and_uploaded_again(models, lab, tmp_path, caplog):
+    """Bytes of the model change on the device after the upload (same size): the next bench hashes the device copy,
+    uploads it again and benchmarks the right file, not the damaged one."""
+    up, _ = lab
+    cfg = quick(tmp_path, target=up.spec)
+    first = run(models[1:], cfg, tmp_path / "bench1")
+    loaded = Path(json.loads(first.file("bench.json").read_text())["gguf"]["model"]["path"])
+    want = sha(models[1].model_path())
+    blob = tmp_path / "device-cache" / "blobs" / want
+    assert sha(loaded) == want and os.path.samefile(loaded, blob)
+    with open(blob, "r+b") as f:  # rot in place: the tree's hard link shows the same damage
+        f.seek(blob.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+    assert sha(loaded) != want
+    with caplog.at_level(logging.WARNING):
+        again = run(models[1:], cfg, tmp_path / "bench2")
+    assert "the device's copy of model-f32.gguf is damaged" in caplog.text
+    result = json.loads(again.file("bench.json").read_text())["gguf"]
+    assert result["decode_tps"] > 0 and sha(Path(result["model"]["path"])) == want and sha(blob) == want
+
+
+def test_local_file_changed_after_its_stage_is_not_sent(models, tmp_path):
+    """The manifest's hash is checked against the file as it is now, before anything goes to a device."""
+    art = model_artifact(tmp_path, "gguf", "gguf", lambda d: shutil.copy(models[1].model_path(), d / "m.gguf")
+                         and "m.gguf")
+    with open(art.model_path(), "ab") as f:
+        f.write(b"tampered")
+    job = fleet.make_jobs([art], BenchConfig())["gguf"]
+    assert job["error"].startswith(f"{art.model_path()} changed after the gguf stage wrote it (sha256 ")
+    assert job["error"].endswith("rerun that stage (--force gguf)")
+    fine = fleet.make_job(models[1], BenchConfig(), "Q4_0")
+    assert fine.sha256s == {"model-f32.gguf": sha(models[1].model_path())}
+
+
+def test_a_job_for_every_model_of_an_artifact(tiny_model, tmp_path):
+    """The baseline artifact holds two GGUF files: one job each, keyed as bench.json keys them."""
+    from pistill.artifact import ArtifactWriter
+    from pistill.export.gguf import write_gguf
+    from tiny import FakeConfig
+
+    with ArtifactWriter(tmp_path / "baseline", "baseline", FakeConfig(), []) as w:
+        for name in ("teacher-Q4_0.gguf", "teacher-Q8_0.gguf"):
+            write_gguf(tiny_model, w.dir / name, "f32")
+        w.model = {"format": "gguf", "file": "teacher-Q4_0.gguf"}
+        w.models = [{"key": "baseline", "format": "gguf", "file": "teacher-Q4_0.gguf", "quant": "Q4_0"},
+                    {"key": "baseline:Q8_0", "format": "gguf", "file": "teacher-Q8_0.gguf", "quant": "Q8_0"}]
+    jobs = fleet.make_jobs([w.artifact], BenchConfig())
+    assert list(jobs) == ["baseline", "baseline:Q8_0"]
+    assert [j.model for j in jobs.values()] == ["teacher-Q4_0.gguf", "teacher-Q8_0.gguf"]
+    assert jobs["baseline:Q8_0"].sha256s["teacher-Q8_0.gguf"] == w.artifact.manifest["files"]["teacher-Q8_0.gguf"][
+        "sha256"]

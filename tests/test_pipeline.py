@@ -50,3 +50,10 @@ def test_teacher_cache_is_keyed_by_content(tmp_path):
     assert gguf_cache_path(a) == gguf_cache_path(b)
     b.write_bytes(b"GGUF other")
     assert gguf_cache_path(a) != gguf_cache_path(b)
+
+
+def test_every_model_stage_is_benched_scored_and_reported():
+    names = [s.name for s in pipeline.STAGES]
+    assert pipeline.stage("bench").inputs == pipeline.stage("eval").inputs == pipeline.MODEL_STAGES
+    assert set(pipeline.MODEL_STAGES) < set(names) and "baseline" in pipeline.MODEL_STAGES
+    assert list(pipeline.stage("report").inputs) == names[:-1]  # the report reads every other artifact

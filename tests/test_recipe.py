@@ -55,3 +55,28 @@ def test_bad_toml_and_missing_file(tmp_path):
         recipe.load(bad)
     with pytest.raises(RecipeError, match="does not exist"):
         recipe.load(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("value,match", [
+    (float("nan"), r"\[distill\] lr = nan must be a finite number"),
+    (float("inf"), r"\[distill\] lr = inf must be a finite number"),
+    (-float("inf"), r"\[distill\] lr = -inf must be a finite number"),
+    (1e300, r"\[distill\] lr = 1e\+300 must be a finite number at most 1e\+15"),
+    (10**20, r"\[distill\] lr = 100000000000000000000 must be a finite number"),
+])
+def test_floats_must_be_finite_and_sane(value, match):
+    with pytest.raises(RecipeError, match=match):
+        recipe.from_dict({"distill": {"lr": value}})
+
+
+def test_out_expands_home_and_top_level_keys_are_non_empty(tmp_path):
+    import os
+
+    assert recipe.from_dict({"out": "~/runs/x"}).out == os.path.expanduser("~/runs/x")
+    with pytest.raises(RecipeError, match="'out' must be a non-empty string"):
+        recipe.from_dict({"out": ""})
+
+
+def test_union_fields_report_the_arm_of_the_values_type():
+    with pytest.raises(RecipeError, match=r"\[prune\] target_params = 10000000000000000000 must be a finite"):
+        recipe.from_dict({"prune": {"target_params": 10**19}})

@@ -39,11 +39,36 @@ QUALITY = {
     "gguf": {"params": 1_000_000, "bytes": 800_000, "ppl": 28.4, "agreement": 0.84, "kl": 0.21},
     "onnx": {"params": 1_000_000, "bytes": 900_000},  # no quality figures: "–"
 }
+BASELINE = [  # the baseline artifact's `models`: the teacher at the student's type, and at Q8_0
+    {"key": "baseline", "format": "gguf", "file": "teacher-Q4_K_M.gguf", "quant": "Q4_K_M",
+     "metrics": {"params": 1_500_000, "bytes": 1_200_000, "ppl": 26.0, "agreement": 0.9, "kl": 0.1}},
+    {"key": "baseline:Q8_0", "format": "gguf", "file": "teacher-Q8_0.gguf", "quant": "Q8_0",
+     "metrics": {"params": 1_500_000, "bytes": 2_000_000, "ppl": 25.2, "agreement": 0.97, "kl": 0.02}},
+]
 SPEEDS = {
     "teacher": {"prefill_tps": 100.0, "decode_tps": 20.0, "ttft_s": 0.25, "peak_rss_mb": 300.0, "load_s": 1.0},
     "gguf": {"prefill_tps": 400.0, "decode_tps": 80.0, "ttft_s": 0.05, "peak_rss_mb": 50.0, "load_s": 0.1},
     "prune": {"error": "agent: error: torch failed on x: OSError: boom"},
+    "distill": {"prefill_tps": 90.0, "decode_tps": 15.0, "ttft_s": 0.3, "peak_rss_mb": 250.0, "load_s": 1.0},
+    "baseline": {"prefill_tps": 300.0, "decode_tps": 60.0, "ttft_s": 0.07, "peak_rss_mb": 60.0, "load_s": 0.1},
+    "baseline:Q8_0": {"prefill_tps": 250.0, "decode_tps": 40.0, "ttft_s": 0.08, "peak_rss_mb": 80.0, "load_s": 0.1},
 }
+RUNTIMES = {"teacher": "torch", "distill": "torch", "gguf": "llama_cpp", "baseline": "llama_cpp",
+            "baseline:Q8_0": "llama_cpp"}
+
+
+def zs(arc, piqa, se=0.022):
+    return {"arc_easy": {"n": 500, "acc": arc + 0.01, "acc_stderr": se, "acc_norm": arc, "acc_norm_stderr": se},
+            "piqa": {"n": 500, "acc": piqa, "acc_stderr": se, "acc_norm": piqa, "acc_norm_stderr": se - 0.001}}
+
+
+EVAL = {"schema_version": 1,
+        "tasks": {"arc_easy": {"label": "ARC-Easy", "source": "arc_easy.jsonl", "n": 500, "chance": 0.25},
+                  "piqa": {"label": "PIQA", "source": "piqa.jsonl", "n": 500, "chance": 0.5}},
+        "models": {"teacher": {"tasks": zs(0.60, 0.66)}, "baseline": {"tasks": zs(0.45, 0.65)},
+                   "baseline:Q8_0": {"tasks": zs(0.50, 0.66)}, "prune": {"tasks": zs(0.30, 0.52)},
+                   "quantize": {"skipped": "bitsandbytes weights without CUDA"}, "distill": {"tasks": zs(0.38, 0.55)},
+                   "gguf": {"tasks": zs(0.40, 0.60)}, "onnx": {"error": "ValueError: broken"}}}
 
 
 def write_artifact(root, stage, parents, metrics, cfg=None, model=None, files=None):
@@ -66,10 +91,15 @@ def pipeline(tmp_path_factory):
                        ("onnx", "onnx")):
         cfg = {"gguf": FakeGGUFConfig(), "onnx": FakeONNXConfig()}.get(stage)
         arts.append(write_artifact(root, stage, [arts[-1]], QUALITY[stage], cfg, {"format": fmt, "file": "m"}))
-    bench_json = {s: {**v, "runtime": {"name": "torch", "version": "2.x"}} if "error" not in v else v
+    with ArtifactWriter(root / "baseline", "baseline", FakeConfig(), [teacher]) as w:
+        w.model, w.models = {"format": "gguf", "file": BASELINE[0]["file"]}, BASELINE
+        w.metrics.update(BASELINE[0]["metrics"])
+    arts.append(w.artifact)
+    bench_json = {s: {**v, "runtime": {"name": RUNTIMES[s], "version": "2.x"}} if "error" not in v else v
                   for s, v in SPEEDS.items()}
     bench_json["teacher"]["host"] = {"hostname": "pi5", "machine": "aarch64", "cores": 4, "python": "3.11"}
     arts.append(write_artifact(root, "bench", arts[:1] + arts[2:], {}, files={"bench.json": json.dumps(bench_json)}))
+    arts.append(write_artifact(root, "eval", arts[:1] + arts[2:-1], {}, files={"eval.json": json.dumps(EVAL)}))
     return arts
 
 
@@ -98,8 +128,8 @@ def test_build_rows_order_values_and_missing():
     assert rows[2]["ppl"] is None and rows[2]["decode_tps"] is None
     table = markdown_table(rows).splitlines()
     assert len(table) == 2 + 3
-    assert table[2].startswith("| teacher | 1.5M | 6.0 | – | – | – | 100.0 | 20.0 | 250 | 300 |")
-    assert table[4] == "| onnx | 1.0M | 0.9 | – | – | – | – | – | – | – |"  # params and size only
+    assert table[2].startswith("| teacher | 1.5M | 6.0 | – | – | – | 100.0 | 20.0 | – | 250 | 300 |")
+    assert table[4] == "| onnx | 1.0M | 0.9 | – | – | – | – | – | – | – | – |"  # params and size only
 
 
 def test_failed_bench_shows_missing_speeds():
@@ -129,9 +159,11 @@ def test_labels():
 def test_report_md_and_json(pipeline, tmp_path):
     art = run(pipeline, ReportConfig(formats=["md", "json"]), tmp_path / "report")  # html: test_report_html.py
     report, md = json.loads(art.file("report.json").read_text()), art.file("report.md").read_text()
-    assert report["schema_version"] == 2
-    assert [r["name"] for r in report["rows"]] == ["teacher", "pruned", "quantized teacher", "student",
-                                                    "student GGUF Q4_K_M", "student ONNX int4"]
+    assert report["schema_version"] == 3
+    assert [r["name"] for r in report["rows"]] == ["teacher", "teacher GGUF Q4_K_M", "teacher GGUF Q8_0", "pruned",
+                                                    "quantized teacher", "student", "student GGUF Q4_K_M",
+                                                    "student ONNX int4"]
+    assert [r["key"] for r in report["rows"]][1:3] == ["baseline", "baseline:Q8_0"]
     teacher = report["rows"][0]
     assert teacher["ppl"] == 25.0 and teacher["decode_tps"] == 20.0
     assert report["recipe"]["prune"]["sparsity"] == 0.25 and report["recipe"]["gguf"]["quants"][0] == "Q4_K_M"
@@ -139,20 +171,47 @@ def test_report_md_and_json(pipeline, tmp_path):
     assert report["stages"][0]["environment"]["python"] and "| teacher | 0.0 s | cpu |" in md
     assert "python" in report["versions"]
     assert report["bench"]["host"]["hostname"] == "pi5" and "prune" in report["bench"]["errors"]
-    assert "| teacher | 1.5M | 6.0 | 25.00 | 100.0 | 0.000 | 100.0 | 20.0 | 250 | 300 |" in md
-    assert "| student GGUF Q4_K_M | 1.0M | 0.8 | 28.40 | 84.0 | 0.210 | 400.0 | 80.0 | 50 | 50 |" in md
+    assert ("| model | params | size (MB) | ppl | agree (%) | KL | ARC-Easy acc_norm | PIQA acc_norm | "
+            "prefill tok/s | decode tok/s | × teacher | TTFT (ms) | peak RSS (MB) |") in md
+    assert ("| teacher | 1.5M | 6.0 | 25.00 | 100.0 | 0.000 | 0.600 ± 0.022 | 0.660 ± 0.021 | 100.0 | 20.0 "
+            "| – |") in md
+    assert ("| student GGUF Q4_K_M | 1.0M | 0.8 | 28.40 | 84.0 | 0.210 | 0.400 ± 0.022 | 0.600 ± 0.021 | 400.0 "
+            "| 80.0 | 1.33 | 50 | 50 |") in md  # against the teacher's Q4_K_M file, not the torch teacher
+    assert ("| teacher GGUF Q8_0 | 1.5M | 2.0 | 25.20 | 97.0 | 0.020 | 0.500 ± 0.022 | 0.660 ± 0.021 "
+            "| 250.0 |") in md
+    assert ("| student | 1.0M | 4.0 | 28.00 | 85.0 | 0.200 | 0.380 ± 0.022 | 0.550 ± 0.021 | 90.0 | 15.0 "
+            "| 0.75 |") in md
+    assert "| student ONNX int4 | 1.0M | 0.9 | – | – | – | – | – | – | – | – | – | – |" in md  # no ONNX teacher
+    rows = {r["key"]: r for r in report["rows"]}
+    assert rows["gguf"]["speedup_vs"] == "teacher GGUF Q4_K_M" and rows["distill"]["speedup_vs"] == "teacher"
+    assert rows["gguf"]["zeroshot"]["arc_easy"] == EVAL["models"]["gguf"]["tasks"]["arc_easy"]
+    assert rows["quantize"]["eval_note"].startswith("bitsandbytes") and rows["onnx"]["eval_note"].endswith("broken")
+    assert report["tasks"]["piqa"]["chance"] == 0.5
+    assert [c["key"] for c in report["columns"]][4:7] == ["kl", "zeroshot.arc_easy.acc_norm",
+                                                         "zeroshot.piqa.acc_norm"]
+    sentence = ("the student is 33% faster than the teacher's Q4_K_M at 5.0 points lower accuracy (mean acc_norm "
+                "over ARC-Easy and PIQA 0.500 against 0.550; decode 80.0 against 60.0 tok/s, student GGUF Q4_K_M "
+                "against teacher GGUF Q4_K_M)")
+    assert report["front"]["sentence"] == sentence and "## Quality vs speed\n\nT" + sentence[1:] + "." in md
+    assert report["front"]["front"] == ["teacher", "baseline", "baseline:Q8_0", "gguf"]  # distill: dominated
+    assert ("Front of non-dominated models (mean acc_norm against decode tok/s): teacher, teacher GGUF Q4_K_M, "
+            "teacher GGUF Q8_0, student GGUF Q4_K_M.") in md
+    assert "- quantized teacher: no zero-shot figures: bitsandbytes weights without CUDA" in md
+    assert "## Zero-shot accuracy" in md and "ARC-Easy: 500 items of arc_easy.jsonl (chance 0.250)" in md
+    assert "| student GGUF Q4_K_M | 0.410 ± 0.022 | 0.400 ± 0.022 | 0.600 ± 0.022 | 0.600 ± 0.021 |" in md
     assert "[prune]\nversion = 1\nsparsity = 0.25\nmethod = \"wanda\"\n# note = none" in md
     assert "pi5 (aarch64, 4 cores" in md and "**prune failed**" in md
-    assert art.metrics["rows"] == 6
+    assert art.metrics["rows"] == 8
 
 
 def test_report_without_bench_or_data(pipeline, tmp_path):
-    """A partial pipeline still reports: no data, no bench -> no teacher ppl, no speeds, no crash."""
-    partial = [a for a in pipeline if a.stage not in ("data", "bench", "onnx")]
+    """A partial pipeline still reports: no data, bench or eval -> no teacher ppl, speeds or accuracy, no crash."""
+    partial = [a for a in pipeline if a.stage not in ("data", "bench", "onnx", "eval")]
     art = run(partial, ReportConfig(formats=["md"]), tmp_path / "report")
     assert not art.file("report.json").exists()
     md = art.file("report.md").read_text()
-    assert "| teacher | 1.5M | 6.0 | – | 100.0 | 0.000 | – | – | – | – |" in md and "ONNX" not in md
+    assert "| teacher | 1.5M | 6.0 | – | 100.0 | 0.000 | – | – | – | – | – |" in md and "ONNX" not in md
+    assert "No student GGUF and teacher GGUF of the same type" in md and "## Zero-shot accuracy" not in md
 
 
 @pytest.mark.parametrize("formats", [[], ["pdf"], ["md", "pdf"]])

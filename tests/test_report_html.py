@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from pistill.report import ReportConfig, device_row, history, report_data, run, snapshot
+from pistill.report import ReportConfig, device_report, device_row, history, report_data, run, snapshot
 from test_report import pipeline, write_artifact  # noqa: F401 (fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -32,11 +32,11 @@ def agent_result(decode_tps: float, prefill_tps: float, fmt: str | None = None) 
 
 
 DEVICES = {
-    "pi@pi5.local": {"facts": PI5_FACTS, "results": {"teacher": agent_result(10.0, 50.0, "as GGUF Q4_0"),
+    "pi@pi5.local": {"facts": PI5_FACTS, "results": {"teacher": agent_result(10.0, 50.0, "as GGUF Q4_K_M"),
                                                     "gguf": agent_result(40.0, 200.0)}},
     "pi@pi4.local": {"facts": {"board": "Raspberry Pi 4 Model B", "asimddp": False},
                      "warnings": ["no ARM dot product (asimddp), as on a Pi 4: export Q4_K_M"],
-                     "results": {"teacher": agent_result(5.0, 20.0, "as GGUF Q4_0"),
+                     "results": {"teacher": agent_result(5.0, 20.0, "as GGUF Q4_K_M"),
                                  "gguf": {"error": "agent: error: llama_cpp failed on m: boom"}}},
     "pi@pi3.local": {"error": "pi@pi3.local: cannot reach pi3.local:22: timed out", "results": {}},
 }
@@ -58,19 +58,34 @@ def test_device_rows_and_speedup(fleet_run, tmp_path):
     teacher, student = pi5["rows"]
     assert teacher["speedup"] is None and student["speedup"] == pytest.approx(4.0)
     assert student["p99"] == pytest.approx(32.5) and student["decode_bw_fraction"] == 0.42
-    assert teacher["device_format"] == "as GGUF Q4_0" and [s["threads"] for s in student["sweep"]] == [4, 1]
+    assert teacher["device_format"] == "as GGUF Q4_K_M" and [s["threads"] for s in student["sweep"]] == [4, 1]
     assert pi4["rows"][1]["error"].endswith("boom") and pi3["error"].endswith("timed out") and pi3["rows"] == []
     assert pi5["facts"]["board"].startswith("Raspberry Pi 5") and pi5["python"] == "3.11.2"
 
 
 def test_device_row_of_a_failed_model():
-    assert device_row("gguf", "student", {"error": "x"}, 10.0) == {"stage": "gguf", "name": "student", "error": "x"}
+    assert device_row("baseline:Q8_0", "t", {"error": "x"}) == {"key": "baseline:Q8_0", "stage": "baseline",
+                                                                 "name": "t", "error": "x"}
+
+
+def test_device_speedup_is_against_the_teacher_file_of_the_same_type(fleet_run):
+    """A device with the baseline files benched too: the student GGUF against the teacher's Q4_K_M file, the pruned
+    model (converted on the device to Q4_K_M) too; the teacher converted to Q4_K_M is only the fallback."""
+    results = {**DEVICES["pi@pi5.local"]["results"], "baseline": agent_result(20.0, 60.0),
+               "baseline:Q8_0": agent_result(12.0, 40.0), "prune": agent_result(30.0, 100.0, "as GGUF Q4_K_M")}
+    report = report_data(fleet_run)
+    labels = {r["key"]: r["name"] for r in report["rows"]}
+    kinds = {"gguf": "Q4_K_M", "baseline": "Q4_K_M", "baseline:Q8_0": "Q8_0"}
+    rows = {r["key"]: r for r in device_report("pi5", {"results": results}, labels, kinds)["rows"]}
+    assert list(rows) == ["teacher", "baseline", "baseline:Q8_0", "prune", "gguf"]
+    assert rows["gguf"]["speedup"] == pytest.approx(2.0) and rows["prune"]["speedup"] == pytest.approx(1.5)
+    assert rows["baseline:Q8_0"]["speedup"] is None and rows["teacher"]["speedup"] is None
 
 
 def test_markdown_devices_section(fleet_run, tmp_path):
     md = run(fleet_run, ReportConfig(formats=["md"]), tmp_path / "report").file("report.md").read_text()
     assert "## Devices" in md and "### pi@pi5.local" in md and "Raspberry Pi 5 Model B Rev 1.0, Cortex-A76" in md
-    assert "| teacher (as GGUF Q4_0) | 4 | 50.0 | 10.0 | – |" in md
+    assert "| teacher (as GGUF Q4_K_M) | 4 | 50.0 | 10.0 | – |" in md
     assert "| student GGUF Q4_K_M | 4 | 200.0 | 40.0 | 4.00 | 50 | 25.0 | 30.0 | 32.5 | 90 | 42 | 55 |" in md
     assert "**device failed**: pi@pi3.local: cannot reach" in md and "- **student GGUF Q4_K_M failed**" in md
     assert "- warning: no ARM dot product (asimddp), as on a Pi 4: export Q4_K_M" in md
@@ -85,8 +100,8 @@ def test_history_across_reruns_and_sibling_runs(pipeline, tmp_path):  # noqa: F8
     hist = json.loads(again.file("report.json").read_text())["history"]
     assert [h["run"] for h in hist].count("a") == 2 and [h["run"] for h in hist].count("b") == 1
     assert hist == sorted(hist, key=lambda h: h["created"])
-    assert hist[-1]["rows"][4] == {"stage": "gguf", "name": "student GGUF Q4_K_M", "bytes": 800_000, "ppl": 28.4,
-                                   "decode_tps": 80.0, "prefill_tps": 400.0}
+    assert hist[-1]["rows"][6] == {"key": "gguf", "stage": "gguf", "name": "student GGUF Q4_K_M", "bytes": 800_000,
+                                   "ppl": 28.4, "decode_tps": 80.0, "prefill_tps": 400.0}
     off = run(pipeline, ReportConfig(formats=["json"], history=False), runs / "c" / "report")
     assert json.loads(off.file("report.json").read_text())["history"] == []
 
@@ -111,12 +126,18 @@ def test_html_is_one_self_contained_file(html_report):
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)  # nothing fetched from anywhere
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
     titles = [t for t, _ in images]
-    assert titles == ["Size, quality and latency per stage", "Size vs quality vs speed", "Per device",
-                      "Thread sweep", "History across runs"]
+    assert titles == ["Quality vs decode speed", "Size, quality and latency per stage", "Size vs quality vs speed",
+                      "Per device", "Thread sweep", "History across runs"]
     assert all(base64.b64decode(b).startswith(b"\x89PNG\r\n\x1a\n") for _, b in images)
     assert "× teacher" in page and "<td class=\"n\">4.00</td>" in page and "device failed" in page
     assert "pi@pi4.local" in page and "student GGUF Q4_K_M</b> failed" in page
     assert '<ul class="warn"><li>no ARM dot product' in page
+    # the front chart, then the sentence under it (on pi5 the teacher converted to Q4_K_M is the reference)
+    front = page.index('<img alt="Quality vs decode speed"')
+    assert front < page.index('<p class="front"><b>The student is 300% faster than the teacher') < page.index(
+        '<img alt="Size, quality and latency per stage"')
+    assert "<h2>Zero-shot accuracy</h2>" in page and "0.400 ± 0.022" in page
+    assert "quantized teacher: no zero-shot figures: bitsandbytes weights without CUDA" in page
     assert {"report.md", "report.json", "report.html"} <= set(html_report.manifest["files"])
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -120,6 +121,22 @@ def test_command_past_its_limit_is_stopped(sshd):
         assert time.monotonic() - t0 < 5
         left = conn.run(["sh", "-c", f"ps -eo args | grep -c '^sleep {marker}' || true"], 10).stdout.strip()
     assert left == "0"  # stopped on the device, not just abandoned
+
+
+def test_stop_kills_the_running_command_on_the_device(sshd):
+    """Ctrl-C in a fleet sets `conn.stop`: the command is killed on the device at once, not abandoned."""
+    marker = f"{time.time_ns() % 10**6 + 2000.5}"
+    with T.connect(server_target(sshd), sshd.known_hosts) as conn:
+        assert conn.run(["sh", "-c", "echo only >&2"], 10).stderr == "only\n"  # the pid line is not in stderr
+        conn.stop = threading.Event()
+        threading.Timer(1.0, conn.stop.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(T.Interrupted, match=r"interrupted; `sleep .*` was stopped"):
+            conn.run(["sleep", marker], 600)
+        assert time.monotonic() - t0 < 8  # not the 600 s limit
+        conn.stop = None
+        left = conn.run(["sh", "-c", f"ps -eo args | grep -c '^sleep {marker}' || true"], 10).stdout.strip()
+    assert left == "0"
 
 
 def test_unknown_host_is_refused_with_its_fingerprint(sshd, tmp_path):
