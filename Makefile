@@ -6,6 +6,7 @@ TORCH  ?= torch==2.13.0
 RECIPE ?= recipes/default.toml
 PI     ?=
 OUT    ?=
+EVAL_ITEMS ?=
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -29,7 +30,8 @@ llama: $(STAMP)
 	$(BIN)/python pistill/llama_build.py --python $(BIN)/python
 
 edge: install
-	$(BIN)/pistill run $(RECIPE) $(if $(PI),--target $(PI)) $(if $(OUT),--out $(OUT))
+	$(BIN)/pistill run $(RECIPE) $(if $(PI),--target $(PI)) $(if $(OUT),--out $(OUT)) \
+	    $(if $(EVAL_ITEMS),--eval-items $(EVAL_ITEMS))
 
 system-deps:
 	bash tests/system-deps.sh

@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default: the recipe's `out`, else runs/<recipe name>)")
     r.add_argument("--force", metavar="STAGE", help="rerun this stage and every stage after it")
     r.add_argument("--target", help="benchmark target: 'local' or user@host (overrides [bench] target)")
+    r.add_argument("--eval-items", type=int, metavar="N",
+                   help="multiple-choice items per task (overrides [eval] items; 0 = all), e.g. 500 for the full report")
     for name, stages in STAGE_COMMANDS.items():
         s = sub.add_parser(name, help=f"run the {'/'.join(stages)} stage alone on a run folder's artifacts")
         s.add_argument("run_dir", help="run folder holding the input artifacts (<run>/<stage>/)")
@@ -39,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--out", help="output folder (default: <run>/<stage>); only with a single stage")
         if name == "bench":
             s.add_argument("--target", help="'local' or user@host (overrides [bench] target)")
+        if name == "eval":
+            s.add_argument("--items", dest="eval_items", type=int, metavar="N",
+                           help="items per task (overrides [eval] items; 0 = all)")
     _device_parsers(sub)
     return p
 
@@ -110,12 +115,19 @@ def _load_recipe(path: str | None):
     return recipe.load(path) if path else recipe.from_dict({})
 
 
+def _overridden(rec, args):
+    """The recipe with the command line's --target and --eval-items / --items applied."""
+    if getattr(args, "target", None):
+        rec = rec.with_config("bench", target=args.target)
+    if getattr(args, "eval_items", None) is not None:
+        rec = rec.with_config("eval", items=args.eval_items)
+    return rec
+
+
 def _run(args) -> int:
     from . import pipeline
 
-    rec = _load_recipe(args.recipe)
-    if args.target:
-        rec = rec.with_config("bench", target=args.target)
+    rec = _overridden(_load_recipe(args.recipe), args)
     if args.force and args.force not in pipeline.BY_NAME:
         raise UsageError(f"--force: stage '{args.force}' is unknown; stages: {', '.join(pipeline.BY_NAME)}")
     out = Path(args.out or rec.out).expanduser()
@@ -128,9 +140,7 @@ def _stage(args) -> int:
     from . import pipeline
     from .artifact import Artifact
 
-    rec = _load_recipe(args.recipe)
-    if getattr(args, "target", None):
-        rec = rec.with_config("bench", target=args.target)
+    rec = _overridden(_load_recipe(args.recipe), args)
     stages = STAGE_COMMANDS[args.command]
     run_dir, overrides = Path(args.run_dir).expanduser(), _overrides(args.input, stages)
     if args.out and len(stages) > 1:

@@ -64,10 +64,24 @@ def front(rows: list[dict], tasks: list[str]) -> dict:
             "points": points, "front": on_front}
 
 
-def verdict(rows: list[dict], tasks: list[str], task_labels: list[str]) -> str | None:
+def retention(student: dict, teacher: dict, chance: dict[str, float]) -> float | None:
+    """The share of the teacher's accuracy above chance that the student keeps: mean over the tasks of
+    (student - chance) / (teacher - chance), acc_norm; None when a task lacks a figure or the teacher is at chance."""
+    shares = []
+    for task, c in chance.items():
+        s, t = (_num(((r.get("zeroshot") or {}).get(task) or {}).get("acc_norm")) for r in (student, teacher))
+        if s is None or t is None or t <= c:
+            return None
+        shares.append((s - c) / (t - c))
+    return sum(shares) / len(shares) if shares else None
+
+
+def verdict(rows: list[dict], tasks: list[str], task_labels: list[str],
+            chance: dict[str, float] | None = None) -> str | None:
     """"the student is N% faster than the teacher's Q4_0 at M points lower accuracy", "the student is dominated by
-    the teacher's Q4_0" (or slower / higher, as measured), with the figures after it; None without both models'
-    speed and quality."""
+    the teacher's Q4_0" (or slower / higher, as measured), with the share of the teacher's accuracy above `chance`
+    (task -> chance acc_norm) the student keeps, and the figures after it; None without both models' speed and
+    quality."""
     student = next((r for r in rows if r.get("stage") == STUDENT), None)
     teacher = reference(student, rows) if student else None
     if teacher is None:
@@ -85,6 +99,8 @@ def verdict(rows: list[dict], tasks: list[str], task_labels: list[str]) -> str |
         head = f"the student is {abs(st / tt - 1) * 100:.0f}% {'faster' if st >= tt else 'slower'} than {whom} at "
         head += (f"{abs(tq - sq) * 100:.1f} points {'higher' if better_q else 'lower'} accuracy" if higher
                  else f"{'lower' if better_q else 'higher'} perplexity")
+    if higher and chance and (kept := retention(student, teacher, chance)) is not None:
+        head += f", keeping {kept * 100:.0f}% of its accuracy above chance"
     what = f"mean acc_norm over {' and '.join(task_labels)}" if higher else "held-out perplexity"
     return (f"{head} ({what} {sq:.3f} against {tq:.3f}; decode {st:.1f} against {tt:.1f} tok/s, "
             f"{student['name']} against {teacher['name']})")

@@ -375,7 +375,8 @@ def front_data(rows: list[dict], tasks: dict[str, dict], bench: Artifact | None)
     labels = [t.get("label", n) for n, t in tasks.items()]
     return {**front.front(rows, list(tasks)), "task_labels": labels,
             "target": bench.manifest.get("target") if bench else None,
-            "sentence": front.verdict(rows, list(tasks), labels)}
+            "sentence": front.verdict(rows, list(tasks), labels,
+                                      {n: t["chance"] for n, t in tasks.items() if "chance" in t})}
 
 
 def report_data(inputs: list[Artifact], out: Path | None = None, with_history: bool = False) -> dict:

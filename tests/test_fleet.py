@@ -258,8 +258,14 @@ def test_ctrl_c_stops_a_fleet_at_once_and_kills_the_agents(ggufs, sshd_factory, 
     cfg = quick(tmp_path, targets=[a.spec, b.spec], remote_cache="~/cache", repeats=2, cooldown_s=8.0,
                 bandwidth_mb=0, timeout_s=300)
 
+    def running(pid: int, name: bytes) -> bool:
+        try:
+            return name in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # the agent ended between the listing and the read
+            return False
+
     def second_model_running() -> bool:
-        return all(any(b"b.gguf" in Path(f"/proc/{p}/cmdline").read_bytes() for p in agents_on(d)) for d in (a, b))
+        return all(any(running(p, b"b.gguf") for p in agents_on(d)) for d in (a, b))
 
     sent = interrupt_when(second_model_running)
     with caplog.at_level(logging.WARNING), pytest.raises(BenchInterrupted) as stopped:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pistill.front import add_speedups, dominates, front, quality, reference, verdict
+from pistill.front import add_speedups, dominates, front, quality, reference, retention, verdict
 
 TASKS = ["arc_easy", "piqa"]
 
@@ -96,3 +96,14 @@ def test_verdict_by_perplexity_and_without_a_reference():
                                      "gguf against teacher GGUF Q4_0)")
     assert verdict([r for r in ROWS if r["stage"] != "baseline"], TASKS, ["A", "P"]) is None  # no teacher Q4_0
     assert verdict(ROWS[:3] + [row("gguf", "llama_cpp", "Q4_0", 147.0, 0.3)], TASKS, ["A", "P"]) is None  # no PIQA
+
+
+def test_verdict_states_the_accuracy_above_chance_the_student_keeps():
+    student = row("gguf", "llama_cpp", "Q4_0", 147.0, 0.36, 0.54)
+    chance = {"arc_easy": 0.25, "piqa": 0.5}
+    # ARC-Easy (0.36 - 0.25) / (0.46 - 0.25) = 52.4%, PIQA (0.54 - 0.5) / (0.64 - 0.5) = 28.6%: mean 40%
+    assert verdict(ROWS[:3] + [student], TASKS, ["ARC-Easy", "PIQA"], chance).startswith(
+        "the student is 34% faster than the teacher's Q4_0 at 10.0 points lower accuracy, keeping 40% of its "
+        "accuracy above chance (mean acc_norm")
+    assert retention(student, ROWS[1], chance) == pytest.approx((0.11 / 0.21 + 0.04 / 0.14) / 2)
+    assert retention(student, row("baseline", "llama_cpp", "Q4_0", 1.0, 0.25, 0.64), chance) is None  # at chance

@@ -189,9 +189,9 @@ def test_report_md_and_json(pipeline, tmp_path):
     assert report["tasks"]["piqa"]["chance"] == 0.5
     assert [c["key"] for c in report["columns"]][4:7] == ["kl", "zeroshot.arc_easy.acc_norm",
                                                          "zeroshot.piqa.acc_norm"]
-    sentence = ("the student is 33% faster than the teacher's Q4_K_M at 5.0 points lower accuracy (mean acc_norm "
-                "over ARC-Easy and PIQA 0.500 against 0.550; decode 80.0 against 60.0 tok/s, student GGUF Q4_K_M "
-                "against teacher GGUF Q4_K_M)")
+    sentence = ("the student is 33% faster than the teacher's Q4_K_M at 5.0 points lower accuracy, keeping 71% of "
+                "its accuracy above chance (mean acc_norm over ARC-Easy and PIQA 0.500 against 0.550; decode 80.0 "
+                "against 60.0 tok/s, student GGUF Q4_K_M against teacher GGUF Q4_K_M)")
     assert report["front"]["sentence"] == sentence and "## Quality vs speed\n\nT" + sentence[1:] + "." in md
     assert report["front"]["front"] == ["teacher", "baseline", "baseline:Q8_0", "gguf"]  # distill: dominated
     assert ("Front of non-dominated models (mean acc_norm against decode tok/s): teacher, teacher GGUF Q4_K_M, "

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -51,13 +52,17 @@ def test_upload_then_skip(conn, blob, tmp_path):
 def test_cut_off_upload_resumes_and_verifies(sshd, conn, blob, tmp_path):
     cache = str(tmp_path / "device")
 
-    def cut(done: int) -> None:  # the link drops mid-way
+    part = tmp_path / "device" / "blobs" / f"{sha(blob)}.part"
+
+    def cut(done: int) -> None:  # the link drops mid-way, once some of the pipelined writes have landed
         if done >= SIZE // 2:
+            end = time.monotonic() + 10
+            while time.monotonic() < end and not (part.exists() and part.stat().st_size > 0):
+                time.sleep(0.01)
             conn.client.get_transport().close()
 
     with pytest.raises(X.TransferError, match="rerun to resume from there"):
         X.upload(conn, blob, cache, on_chunk=cut)
-    part = tmp_path / "device" / "blobs" / f"{sha(blob)}.part"
     assert 0 < part.stat().st_size < SIZE and not part.with_suffix("").exists()
     with reconnect(sshd) as again:
         up = X.upload(again, blob, cache)
