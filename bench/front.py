@@ -118,7 +118,7 @@ def speeds(rows: list[dict], bench_cfg, rounds: int) -> None:
     import statistics
 
     from pistill.artifact import Artifact
-    from pistill.device.bench import bench_model
+    from pistill.device.local import bench_model
 
     alike: dict[tuple, dict] = {}  # the same tensor shapes and types decode at the same speed: measure one of each
     for r in rows:

@@ -11,9 +11,11 @@ import os
 import re
 import subprocess
 
+from pistill.artifact import cpu_fields
 from pistill.llama_build import REBUILD
 
 from .agent import throttle_flags
+from .probe import DF, PY_PROBE, parse_df
 
 SCRIPT_TIMEOUT_S = 60
 # $1: a folder whose file system holds the cache (or will); $2: the python to check
@@ -27,21 +29,13 @@ s model; tr -d '\000' < /proc/device-tree/model 2>/dev/null
 s cpuinfo; cat /proc/cpuinfo 2>/dev/null
 s meminfo; cat /proc/meminfo 2>/dev/null
 s nproc; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN
-s df; d=$1; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d" 2>/dev/null
-s os; cat /etc/os-release 2>/dev/null
+""" f"s df; {DF} 2>/dev/null\n" r"""s os; cat /etc/os-release 2>/dev/null
 s python; "$2" -c "$3" 2>/dev/null
 s temp; cat /sys/class/thermal/thermal_zone0/temp 2>/dev/null
 s freq; cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq 2>/dev/null
 s throttled; vcgencmd get_throttled 2>/dev/null
 s end
 """
-PY_PROBE = ("import json,platform,struct,sys\nfrom importlib import metadata\nv={}\n"
-            "for n in ('llama_cpp_python','onnxruntime','numpy','tokenizers','torch','transformers'):\n"
-            "    try: v[n]=metadata.version(n)\n    except Exception: v[n]=None\n"
-            "try:\n    import llama_cpp; si=llama_cpp.llama_print_system_info().decode(errors='replace').strip()\n"
-            "except Exception: si=None\n"
-            "print(json.dumps({'version':platform.python_version(),'executable':sys.executable,"
-            "'bits':struct.calcsize('P')*8,'packages':v,'llama_system_info':si}))")
 CPU_PARTS = {"0xd03": "Cortex-A53", "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76", "0xd05": "Cortex-A55"}
 BOARDS = (("Raspberry Pi 5", "pi5"), ("Raspberry Pi 4", "pi4"), ("Raspberry Pi 400", "pi4"),
           ("Compute Module 4", "pi4"), ("Compute Module 5", "pi5"), ("Raspberry Pi 3", "pi3"),
@@ -60,16 +54,6 @@ def sections(text: str) -> dict[str, str]:
         elif name:
             out[name] += line + "\n"
     return {k: v.strip() for k, v in out.items()}
-
-
-def cpu_fields(cpuinfo: str) -> dict[str, str]:
-    """The first occurrence of each `key : value` in /proc/cpuinfo (every core repeats them)."""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in fields:
-            fields[key.strip()] = value.strip()
-    return fields
 
 
 def arm_features(cpuinfo: str) -> dict[str, bool | None]:
@@ -102,11 +86,8 @@ def os_name(text: str) -> str | None:
 
 
 def df_free_mb(text: str) -> float | None:
-    lines = text.splitlines()
-    try:
-        return int(lines[1].split()[3]) / 1024
-    except (IndexError, ValueError):
-        return None
+    free = parse_df(text)
+    return None if free is None else free / (1 << 20)
 
 
 def number(text: str, scale: float = 1.0) -> float | None:

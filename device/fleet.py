@@ -1,13 +1,14 @@
 """Benchmark a fleet of SSH devices in parallel: check, provision, upload, run the agent, collect its JSON.
 
-Each device is independent: one that is unreachable or fails is reported with its error and the others finish.
+`local` in a fleet is this machine, benchmarked as with `target = "local"` (`local.bench_here`). Each device is
+independent: one that is unreachable or fails is reported with its error and the others finish.
 HF models (teacher, pruned, student) are converted to the GGUF artifact's quant by default, so the teacher and the
-student run in the same runtime on the same board and the report can state the speed-up.
+student run in the same runtime on the same board and the report can state the speed-up. `cfg` is the bench
+stage's BenchConfig throughout (not imported here: the stage imports this module).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import tempfile
@@ -17,14 +18,14 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pistill.artifact import Artifact, sha256_file
+from pistill.artifact import Artifact, runtime_for_format, sha256_file
+from pistill.models import is_bitsandbytes
 
 from . import doctor, provision, transfer
-from .bench import (AGENT, AGENT_FILES, POLL_S, BenchConfig, BenchInterrupted, agent_args, agent_json, bench_model,
-                    interrupted_lines, log_result, models, summary)
-from .runtimes import runtime_for_format
-from .target import (LOCAL, Interrupted, RemoteTimeout, TargetError, connect, exit_reason, last_line,
-                     parse_target)
+from .local import BenchInterrupted, bench_here, interrupted_lines, log_result, models
+from .protocol import AGENT, AGENT_FILES, agent_args, summary, time_model
+from .runners import POLL_S, SSHRunner
+from .target import LOCAL, Interrupted, TargetError, connect, parse_target
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Job:
 
 def device_quant(inputs: list[Artifact]) -> str:
     """The llama.cpp type HF models are converted to: the GGUF artifact's model type."""
-    from pistill.report import gguf_quant
+    from pistill.export.gguf import gguf_quant
 
     gguf = next((a for a in inputs if a.stage == "gguf" and a.model), None)  # the student's, not the baseline
     return (gguf_quant(gguf.manifest) if gguf else None) or DEFAULT_QUANT
@@ -68,13 +69,6 @@ def device_gguf(artifact: Artifact, quant: str) -> Path:
         return gguf.quantize_gguf(base, dst, quant)
 
 
-def is_bitsandbytes(folder: Path) -> bool:
-    try:
-        return "quantization_config" in json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def fresh_hashes(a: Artifact, files: dict[str, Path], known: dict[str, str]) -> dict[str, str]:
     """sha256 of each file read now (the device copy is checked against these), and the same as the artifact's
     manifest says where it names the file: a file changed after its stage wrote it is not benchmarked."""
@@ -87,7 +81,7 @@ def fresh_hashes(a: Artifact, files: dict[str, Path], known: dict[str, str]) -> 
     return fresh
 
 
-def make_job(a: Artifact, cfg: BenchConfig, quant: str) -> Job:
+def make_job(a: Artifact, cfg, quant: str) -> Job:
     """A Job for one artifact; raises ValueError / RuntimeError with the reason it cannot run on a device."""
     model, fmt = a.model_path(), a.model["format"]
     known = {name: f["sha256"] for name, f in a.manifest.get("files", {}).items()}
@@ -119,7 +113,7 @@ def _rebase(known: dict[str, str], root: Path, folder: Path) -> dict[str, str]:
     return {k[len(prefix) + 1:]: v for k, v in known.items() if k.startswith(prefix + "/")}
 
 
-def make_jobs(inputs: list[Artifact], cfg: BenchConfig) -> dict[str, Job | dict]:
+def make_jobs(inputs: list[Artifact], cfg) -> dict[str, Job | dict]:
     """A Job per model artifact, or `{"error": ...}` for one that cannot go to a device."""
     quant, jobs = device_quant(inputs), {}
     for key, a in models(inputs):
@@ -130,31 +124,16 @@ def make_jobs(inputs: list[Artifact], cfg: BenchConfig) -> dict[str, Job | dict]
     return jobs
 
 
-def bench_job(conn, job: Job, agent_dir: str, plan: provision.Plan, cfg: BenchConfig, progress) -> dict:
+def bench_job(conn, job: Job, agent_dir: str, plan: provision.Plan, cfg, progress) -> dict:
     """Upload one model (a copy already there is checked by its hash first) and time it with the agent."""
     tree, _ = transfer.upload_tree(conn, job.files, cfg.remote_cache, progress, job.sha256s)
     model = tree if job.model == "." else f"{tree}/{job.model}"
-    env = [f"{k}={v}" for k, v in plan.env.items()]
-    argv = (["env", *env] if env else []) + [plan.python, f"{agent_dir}/agent.py", *agent_args(job.runtime, model, cfg)]
-    try:
-        res = conn.run(argv, cfg.timeout_s, check=False)
-    except RemoteTimeout:
-        return {"error": f"timed out after {cfg.timeout_s} s (BenchConfig.timeout_s)", "runtime": job.runtime}
-    if res.rc != 0:
-        return {"error": agent_failure(res.rc, res.stderr), "runtime": job.runtime}
-    out = agent_json(res.stdout, job.runtime)
+    argv = [plan.python, f"{agent_dir}/agent.py", *agent_args(job.runtime, model, cfg)]
+    out = time_model(SSHRunner(conn, plan.env), argv, job.runtime, cfg.timeout_s)
     return {**out, "device_format": job.note} if job.note and "error" not in out else out
 
 
-def agent_failure(rc: int, stderr: str) -> str:
-    """The agent's own one-line error, or how it died (the OOM killer prints nothing)."""
-    last = last_line(stderr) if stderr.strip() else None
-    if last and rc <= 128:
-        return last
-    return f"agent {exit_reason(rc)}" + (f": {last}" if last else " and printed nothing")
-
-
-def bench_remote(spec: str, jobs: dict[str, Job | dict], cfg: BenchConfig, progress, device: dict | None = None,
+def bench_remote(spec: str, jobs: dict[str, Job | dict], cfg, progress, device: dict | None = None,
                  stop: threading.Event | None = None) -> dict:
     """One SSH device: doctor facts, provisioning, then each model, filling `device`; the device's error if it
     fails. Once `stop` is set, the command running on the device is killed and the device ends as interrupted."""
@@ -176,7 +155,7 @@ def bench_remote(spec: str, jobs: dict[str, Job | dict], cfg: BenchConfig, progr
     return device
 
 
-def _on_device(conn, jobs, cfg: BenchConfig, device: dict, progress, task) -> None:
+def _on_device(conn, jobs, cfg, device: dict, progress, task) -> None:
     def say(what: str) -> None:
         progress.update(task, description=f"{conn.target}: {what}")
 
@@ -207,25 +186,16 @@ def _on_device(conn, jobs, cfg: BenchConfig, device: dict, progress, task) -> No
         log_result(conn.target.spec, stage, device["results"][stage])
 
 
-def bench_here(inputs: list[Artifact], cfg: BenchConfig, progress, device: dict | None = None,
-               stop: threading.Event | None = None) -> dict:
-    """`local` inside a fleet: this machine, like `target = "local"`."""
+def bench_this_machine(inputs: list[Artifact], cfg, progress, device: dict, stop: threading.Event) -> dict:
+    """`local` inside a fleet: this machine's doctor facts, then its models as with `target = "local"`."""
     task = progress.add_task("local: bench", total=len(models(inputs)))
-    device = {"results": {}} if device is None else device
     device["facts"] = doctor.probe(None, cfg.remote_cache, sys.executable)
-    for key, a in models(inputs):
-        try:
-            device["results"][key] = bench_model(a, cfg, stop)
-        except Interrupted:
-            device["error"] = f"local: interrupted while benchmarking {key}; its agent was stopped"
-            break
-        log_result(LOCAL, key, device["results"][key])
-        progress.advance(task)
+    bench_here(inputs, cfg, progress, device, stop, task)
     progress.update(task, description=_device_line(LOCAL, device))
     return device
 
 
-def bench_fleet(inputs: list[Artifact], cfg: BenchConfig, specs: list[str], progress) -> dict[str, dict]:
+def bench_fleet(inputs: list[Artifact], cfg, specs: list[str], progress) -> dict[str, dict]:
     """Every device in parallel; {spec: {"facts", "results": {stage: agent JSON or error}, "error"?}}.
 
     On Ctrl-C the devices kill their agents and stop; BenchInterrupted carries what they finished."""
@@ -233,7 +203,7 @@ def bench_fleet(inputs: list[Artifact], cfg: BenchConfig, specs: list[str], prog
     devices: dict[str, dict] = {s: {"results": {}} for s in specs}  # filled in place by each device's thread
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=len(specs))
-    futures = [pool.submit(bench_here, inputs, cfg, progress, devices[s], stop) if s == LOCAL
+    futures = [pool.submit(bench_this_machine, inputs, cfg, progress, devices[s], stop) if s == LOCAL
                else pool.submit(bench_remote, s, jobs, cfg, progress, devices[s], stop) for s in specs]
     try:
         while wait(futures, timeout=POLL_S).not_done:  # a timed wait: Ctrl-C is seen at once

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pistill.llama_build import NO_AMX
 
-from .doctor import PY_PROBE
+from .probe import PY_PROBE
 from .target import Connection, TargetError, describe
 
 log = logging.getLogger(__name__)

@@ -29,14 +29,6 @@ def get_runtime(name: str) -> type:
     return RUNTIMES[name]
 
 
-def runtime_for_format(fmt: str) -> str:
-    """The runtime that runs a model artifact of this format."""
-    table = {"hf": "torch", "gguf": "llama_cpp", "onnx": "onnxruntime"}
-    if fmt not in table:
-        raise ValueError(f"model format '{fmt}' has no runtime; supported: {', '.join(table)}")
-    return table[fmt]
-
-
 @register("torch")
 class TorchRuntime:
     """A Hugging Face folder through transformers (bitsandbytes-quantized folders included)."""

@@ -19,6 +19,7 @@ from typing import Callable
 
 from pistill.artifact import sha256_file
 
+from .probe import DF, parse_df
 from .target import Connection, Interrupted, TargetError, last_line
 
 log = logging.getLogger(__name__)
@@ -62,18 +63,8 @@ def _stat_size(sftp, path: str) -> int | None:
 
 def free_bytes(conn: Connection, folder: str) -> int | None:
     """Free bytes on the file system holding `folder` (or its nearest existing parent), None if df fails."""
-    script = 'd=$1; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d"'
-    res = conn.run(["sh", "-c", script, "sh", folder], COMMAND_TIMEOUT_S, check=False)
+    res = conn.run(["sh", "-c", DF, "sh", folder], COMMAND_TIMEOUT_S, check=False)
     return parse_df(res.stdout) if res.rc == 0 else None
-
-
-def parse_df(text: str) -> int | None:
-    """Available bytes from `df -Pk` output (POSIX format: the 4th column of the 2nd line, in KiB)."""
-    lines = text.strip().splitlines()
-    try:
-        return int(lines[1].split()[3]) * 1024
-    except (IndexError, ValueError):
-        return None
 
 
 def check_space(conn: Connection, folder: str, need: int) -> None:

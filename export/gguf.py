@@ -104,6 +104,17 @@ def check_quant(quant: str) -> int:
 
 # --- checks (cheap: no weights loaded) ----------------------------------------------------------------------------
 
+def gguf_quant(manifest: dict) -> str | None:
+    """The llama.cpp type of a GGUF artifact's model file: the export's first `quants` entry, else its outtype."""
+    cfg = manifest.get("config") or {}
+    quants = cfg.get("quants")
+    if isinstance(quants, (list, tuple)) and quants:
+        return str(quants[0])
+    if isinstance(cfg.get("outtype"), str):  # no quants: the model is the unquantized file
+        return cfg["outtype"].upper()
+    return None
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 

@@ -131,6 +131,14 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def runtime_for_format(fmt: str) -> str:
+    """The runtime that runs a model artifact of this format."""
+    table = {"hf": "torch", "gguf": "llama_cpp", "onnx": "onnxruntime"}
+    if fmt not in table:
+        raise ValueError(f"model format '{fmt}' has no runtime; supported: {', '.join(table)}")
+    return table[fmt]
+
+
 def environment() -> dict:
     """Versions, machine and git revision; reads package metadata without importing the packages."""
     versions = {}
@@ -150,11 +158,19 @@ def environment() -> dict:
     }
 
 
+def cpu_fields(cpuinfo: str) -> dict[str, str]:
+    """The first occurrence of each `key : value` in /proc/cpuinfo (every core repeats them)."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
 def machine_summary() -> str:
     """"AMD EPYC 7B13, 2 cores, Linux": the CPU model (from /proc/cpuinfo where there is one), the core count and
     the OS, for benchmark records."""
-    from pistill.device.doctor import cpu_fields
-
     info = Path("/proc/cpuinfo")
     cpu = cpu_fields(info.read_text()).get("model name") if info.exists() else None
     return f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"

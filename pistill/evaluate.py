@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import Artifact
+from .artifact import Artifact, runtime_for_format
 from .data import load_blocks, load_reference
 
 
@@ -76,7 +76,7 @@ def evaluate_torch(model, data: Artifact) -> dict:
 
 def evaluate_path(path: str | Path, fmt: str, data: Artifact, threads: int = 0) -> dict:
     """Held-out metrics of a model on disk: fmt 'hf' (torch), 'gguf' (llama.cpp) or 'onnx' (onnxruntime)."""
-    from pistill.device.runtimes import get_runtime, runtime_for_format
+    from pistill.device.runtimes import get_runtime
 
     block_size = int(load_blocks(data, "heldout").shape[1])
     rt = get_runtime(runtime_for_format(fmt))(str(path), threads, max(block_size, 512))

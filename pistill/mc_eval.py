@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from .artifact import runtime_for_format
 from .errors import InputError
 
 
@@ -316,7 +317,7 @@ def open_scorer(path: str | Path, fmt: str, threads: int = 0, token_budget: int 
     """A scorer for a model on disk: fmt "hf" (torch, float32 on a CPU), "gguf" (llama.cpp) or "onnx" (the numpy
     loop). `token_budget`: tokens per forward pass in torch and llama.cpp (512 was the fastest of 256 / 512 / 1024
     for both on 2 cores); a longer item goes alone."""
-    from pistill.device.runtimes import get_runtime, runtime_for_format
+    from pistill.device.runtimes import get_runtime
 
     name = runtime_for_format(fmt)
     rt = get_runtime(name)(str(path), threads, min(token_budget, 512))  # the runtime's own cache: not for scoring

@@ -153,6 +153,14 @@ def read_config(folder: Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
+def is_bitsandbytes(folder: Path) -> bool:
+    """An HF folder saved with bitsandbytes weights (its config.json has a quantization_config): CUDA only."""
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def torch_device() -> str:
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from . import front
-from .artifact import Artifact, ArtifactWriter
+from .artifact import Artifact, ArtifactWriter, runtime_for_format
+from .export.gguf import gguf_quant
 from .pipeline import MODEL_STAGES as PIPELINE_MODELS
 
 SCHEMA_VERSION = 3  # 2: devices, history; 3: baseline rows, zero-shot accuracy, speed-up by runtime and type, front
@@ -166,17 +167,6 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
 
 # --- gathering from artifacts --------------------------------------------------------------------------------
 
-def gguf_quant(manifest: dict) -> str | None:
-    """The llama.cpp type of a GGUF artifact's model file: the export's first `quants` entry, else its outtype."""
-    cfg = manifest.get("config") or {}
-    quants = cfg.get("quants")
-    if isinstance(quants, (list, tuple)) and quants:
-        return str(quants[0])
-    if isinstance(cfg.get("outtype"), str):  # no quants: the model is the unquantized file
-        return cfg["outtype"].upper()
-    return None
-
-
 def onnx_precision(manifest: dict) -> str | None:
     return (manifest.get("config") or {}).get("precision")  # int4 (MatMulNBits) or fp32
 
@@ -209,8 +199,6 @@ def model_label(stage: str, manifest: dict) -> str:
 def run_format(fmt: str | None, kind: str, result: dict | None) -> tuple[str | None, str]:
     """(runtime, number format) a model ran in: its bench result's runtime, and "as GGUF Q4_0" (an HF model
     converted for a device) read as Q4_0; the artifact's own format and kind otherwise."""
-    from pistill.device.runtimes import runtime_for_format
-
     result = result or {}
     runtime = (result.get("runtime") or {}).get("name") or (runtime_for_format(fmt) if fmt else None)
     note = result.get("device_format") or ""

@@ -82,7 +82,7 @@ class EvalConfig:
 
 def skip_reason(key: str, view: Artifact, cfg: EvalConfig) -> str | None:
     """Why a model is not scored here, or None."""
-    from pistill.device.fleet import is_bitsandbytes
+    from .models import is_bitsandbytes
 
     if key in cfg.skip:
         return "listed in [eval] skip"

@@ -61,7 +61,7 @@ def student_gguf(tmp_path_factory):
 
 
 def test_run_writes_the_teachers_files_at_the_students_type_and_q8(tiny_teacher, tiny_data, student_gguf, tmp_path):
-    from pistill.device.bench import models
+    from pistill.device.local import models
 
     art = run([tiny_teacher, tiny_data, student_gguf], BaselineConfig(threads=2), tmp_path / "baseline")
     assert [m["key"] for m in art.models] == ["baseline", "baseline:Q8_0"]

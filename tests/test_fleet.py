@@ -21,7 +21,8 @@ import pytest
 
 from pistill.device import fleet, transfer
 from pistill.device import target as T
-from pistill.device.bench import BenchConfig, BenchInterrupted, run
+from pistill.device.bench import BenchConfig, run
+from pistill.device.local import BenchInterrupted
 from sshd import sshd_factory  # noqa: F401 (fixture)
 from tiny import model_artifact
 
@@ -146,16 +147,6 @@ def test_jobs(models, tmp_path, monkeypatch):
     assert "config.json" in torch_job.files and torch_job.sha256s["config.json"]
     jobs = fleet.make_jobs(models, dataclasses.replace(cfg, hf_on_device="skip"))
     assert "skipped" in jobs["teacher"]["error"] and isinstance(jobs["gguf"], fleet.Job)
-
-
-@pytest.mark.parametrize("rc, stderr, expected", [
-    (1, "loading\nagent: error: llama_cpp failed on m: boom\n", "agent: error: llama_cpp failed on m: boom"),
-    (137, "", "agent was killed by SIGKILL (out of memory?) and printed nothing"),
-    (139, "partial\n", "agent was killed by SIGSEGV: partial"),
-    (3, "", "agent exited with code 3 and printed nothing"),
-])
-def test_agent_failure(rc, stderr, expected):
-    assert fleet.agent_failure(rc, stderr) == expected
 
 
 def test_bitsandbytes_model_is_not_sent(tmp_path):

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pistill.export.gguf import (ARCHITECTURES, LLAMA3_RE, QWEN2_RE, QUANT_FTYPES, GGUFConfig, gguf_stats, permute_rope,
-                                 pre_tokenizer_name, quantize_gguf, run, write_gguf)
+from pistill.export.gguf import (ARCHITECTURES, LLAMA3_RE, QWEN2_RE, QUANT_FTYPES, GGUFConfig, gguf_quant, gguf_stats,
+                                 permute_rope, pre_tokenizer_name, quantize_gguf, run, write_gguf)
 
 TEXTS = [
     "héllo wörld — naïve café ✓ 日本語 🙂",
@@ -220,6 +220,16 @@ def test_bad_folder_fails_before_writing(tiny_model, tmp_path, drop, config, mes
     with pytest.raises(ValueError, match=message):
         write_gguf(folder, out / "m.gguf", "f32")
     assert not list(out.iterdir())
+
+
+@pytest.mark.parametrize("manifest, expected", [
+    ({"config": {"outtype": "f16", "quants": ["Q4_K_M", "Q8_0"]}}, "Q4_K_M"),
+    ({"config": {"outtype": "f16", "quants": []}}, "F16"),
+    ({"config": {}}, None),
+    ({}, None),
+])
+def test_gguf_quant(manifest, expected):
+    assert gguf_quant(manifest) == expected
 
 
 def test_permute_rope_maps_rotate_half_to_adjacent_pairs():

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from pistill.artifact import ArtifactWriter, config_dict
-from pistill.report import (MISSING, ReportConfig, build_rows, cell, gguf_quant, markdown_table, model_label,
-                            run, teacher_metrics)
+from pistill.report import MISSING, ReportConfig, build_rows, cell, markdown_table, model_label, run, teacher_metrics
 
 
 @dataclass(frozen=True)
@@ -136,16 +135,6 @@ def test_failed_bench_shows_missing_speeds():
     row = build_rows({"prune": QUALITY["prune"]}, {}, SPEEDS)[0]
     assert row["bench_error"].endswith("boom") and row["prefill_tps"] is None
     assert markdown_table([row]).splitlines()[2].endswith("| – | – | – | – |")
-
-
-@pytest.mark.parametrize("manifest, expected", [
-    ({"config": {"outtype": "f16", "quants": ["Q4_K_M", "Q8_0"]}}, "Q4_K_M"),
-    ({"config": {"outtype": "f16", "quants": []}}, "F16"),
-    ({"config": {}}, None),
-    ({}, None),
-])
-def test_gguf_quant(manifest, expected):
-    assert gguf_quant(manifest) == expected
 
 
 def test_labels():

@@ -115,14 +115,6 @@ def test_tree_of_hard_links(conn, tmp_path):
     assert again == tree and all(u.skipped for u in ups2)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/x 100 10 90 10% /\n", 90 * 1024),
-    ("", None), ("header only\n", None), ("h\n/dev/x a b c d e\n", None),
-])
-def test_parse_df(text, expected):
-    assert X.parse_df(text) == expected
-
-
 def test_too_little_space_is_a_clear_error(conn, tmp_path):
     with pytest.raises(X.DiskFullError, match=r"needs 1000000000.0 MB, the device has .* MB free"):
         X.check_space(conn, str(tmp_path / "not" / "yet"), 10**15)  # checked on the nearest existing parent
