@@ -24,14 +24,13 @@ from pathlib import Path
 def stages(teacher: str, out: Path) -> dict:
     """The teacher and a small data artifact (no generation) for the fidelity figures, reused when present."""
     from pistill.data import DataConfig
-    from pistill.models import TeacherConfig
     from pistill.pipeline import run_stage, stage
+    from pistill.teacher import TeacherConfig
 
     arts = {}
-    for name, cfg, inputs in (("teacher", TeacherConfig(source=teacher), []),
-                              ("data", DataConfig(generate=0, train_blocks=8), ["teacher"])):
+    for name, cfg in (("teacher", TeacherConfig(source=teacher)), ("data", DataConfig(generate=0, train_blocks=8))):
         t0 = time.perf_counter()
-        arts[name], ran = run_stage(stage(name), [arts[i] for i in inputs], cfg, out / name, force=False)
+        arts[name], ran = run_stage(stage(name), arts, cfg, out / name, force=False)
         print(f"{name}: {'ran' if ran else 'reused'} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return arts
 

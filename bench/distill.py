@@ -38,7 +38,7 @@ def stages(names: tuple[str, ...], configs: dict, out: Path, arts: dict) -> dict
     for name in names:
         st = stage(name)
         t0 = time.perf_counter()
-        arts[name], ran = run_stage(st, [arts[i] for i in st.inputs], configs[name], out / name, force=False)
+        arts[name], ran = run_stage(st, arts, configs[name], out / name, force=False)
         print(f"{name}: {'ran' if ran else 'reused'} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return arts
 

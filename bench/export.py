@@ -23,20 +23,22 @@ def stages(model: str, out: Path, threads: int) -> dict:
     from pistill.data import DataConfig
     from pistill.export.gguf import GGUFConfig
     from pistill.export.onnx import ONNXConfig
-    from pistill.models import TeacherConfig
     from pistill.pipeline import run_stage, stage
+    from pistill.teacher import TeacherConfig
 
-    plan = [("teacher", "teacher", TeacherConfig(source=model), []),
-            ("data", "data", DataConfig(generate=0), ["teacher"]),
-            ("gguf", "gguf", GGUFConfig(quants=GGUF_QUANTS, threads=threads), ["teacher", "data"]),
+    teacher = {"distill": "teacher", "data": "data"}  # the exporters take the teacher as their student
+    plan = [("teacher", "teacher", TeacherConfig(source=model), {}),
+            ("data", "data", DataConfig(generate=0), {"teacher": "teacher"}),
+            ("gguf", "gguf", GGUFConfig(quants=GGUF_QUANTS, threads=threads), teacher),
             ("gguf-plain", "gguf", GGUFConfig(quants=PLAIN_QUANTS, threads=threads, imatrix=False,
-                                              keep_unquantized=False), ["teacher", "data"]),
-            ("onnx", "onnx", ONNXConfig(verify_fp32=False), ["teacher", "data"]),
-            ("onnx-acc1", "onnx", ONNXConfig(accuracy_level=1, verify_fp32=False), ["teacher", "data"]),
-            ("onnx-fp32", "onnx", ONNXConfig(precision="fp32"), ["teacher", "data"])]
+                                              keep_unquantized=False), teacher),
+            ("onnx", "onnx", ONNXConfig(verify_fp32=False), teacher),
+            ("onnx-acc1", "onnx", ONNXConfig(accuracy_level=1, verify_fp32=False), teacher),
+            ("onnx-fp32", "onnx", ONNXConfig(precision="fp32"), teacher)]
     arts = {}
-    for name, kind, cfg, inputs in plan:
-        arts[name], ran = run_stage(stage(kind), [arts[i] for i in inputs], cfg, out / name, force=False)
+    for name, kind, cfg, inputs in plan:  # inputs: {input stage: artifact name in `arts`}
+        arts[name], ran = run_stage(stage(kind), {k: arts[v] for k, v in inputs.items()}, cfg, out / name,
+                                    force=False)
         print(f"{name}: {'ran' if ran else 'reused'} ({arts[name].manifest['wall_s']:.0f} s)", flush=True)
     return arts
 

@@ -56,7 +56,7 @@ def shared(rec, out: Path) -> dict:
     arts = {}
     for name in ("teacher", "data"):
         st = stage(name)
-        arts[name], ran = run_stage(st, [arts[i] for i in st.inputs], rec.configs[name], out / name, force=False)
+        arts[name], ran = run_stage(st, arts, rec.configs[name], out / name, force=False)
         print(f"{name}: {'ran' if ran else 'reused'}", flush=True)
     return arts
 
@@ -71,7 +71,7 @@ def student(rec, base: dict, changes: dict, folder: Path, formats: list[str]) ->
         cfg = dataclasses.replace(rec.configs[name], **changes.get(name, {}))
         st = stage(name)
         t0 = time.perf_counter()
-        arts[name], ran = run_stage(st, [arts[i] for i in st.inputs], cfg, folder / name, force=False)
+        arts[name], ran = run_stage(st, arts, cfg, folder / name, force=False)
         print(f"  {name}: {'ran' if ran else 'reused'} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return arts
 
@@ -83,7 +83,7 @@ def baseline(rec, arts: dict, out: Path):
 
     st = stage("baseline")
     cfg = BaselineConfig(quants=(STUDENT,))
-    art, _ = run_stage(st, [arts[i] for i in st.inputs], cfg, out / "baseline", force=False)
+    art, _ = run_stage(st, arts, cfg, out / "baseline", force=False)
     return art
 
 
@@ -91,8 +91,8 @@ def pruned_gguf(rec, arts: dict, folder: Path):
     """The pruned model before distillation, exported like the student (the gguf stage on the prune artifact)."""
     from pistill.pipeline import run_stage, stage
 
-    art, _ = run_stage(stage("gguf"), [arts["prune"], arts["data"]], rec.configs["gguf"], folder / "gguf-pruned",
-                       force=False)
+    inputs = {"distill": arts["prune"], "data": arts["data"]}  # the pruned model in the student's place
+    art, _ = run_stage(stage("gguf"), inputs, rec.configs["gguf"], folder / "gguf-pruned", force=False)
     return art
 
 

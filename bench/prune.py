@@ -37,13 +37,13 @@ SPARSE = {  # unstructured, for comparison: same file size and Pi speed as the t
 
 def artifacts(model: str, out: Path, args) -> tuple:
     from pistill.data import DataConfig
-    from pistill.models import TeacherConfig
     from pistill.pipeline import run_stage, stage
+    from pistill.teacher import TeacherConfig
 
-    teacher, _ = run_stage(stage("teacher"), [], TeacherConfig(source=model), out / "teacher", force=False)
+    teacher, _ = run_stage(stage("teacher"), {}, TeacherConfig(source=model), out / "teacher", force=False)
     cfg = DataConfig(generate=0, block_size=args.block_size, calib_blocks=args.calib_blocks, train_blocks=1,
                      heldout_blocks=args.heldout_blocks, topk=16)
-    data, _ = run_stage(stage("data"), [teacher], cfg, out / "data", force=False)
+    data, _ = run_stage(stage("data"), {"teacher": teacher}, cfg, out / "data", force=False)
     return teacher, data
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -612,7 +613,7 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.ckpt"
 
 
-def run(inputs: list[Artifact], cfg: DistillConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: DistillConfig, out: Path) -> Artifact:
     """Distil the (quantized) teacher into the pruned student (or the model `cfg.student` names) and save the
     student as an HF folder."""
     import torch
@@ -626,9 +627,9 @@ def run(inputs: list[Artifact], cfg: DistillConfig, out: Path) -> Artifact:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("the distill stage writes its artifact from one process; to train on several, launch "
                          "compress/distill_launch.py with accelerate launch or torchrun")
-    teacher_a, student_a, data = inputs
-    t_dir = teacher_a.model_path()
-    s_dir = materialize(cfg.student, "student", "[distill] student") if cfg.student else student_a.model_path()
+    data = inputs["data"]
+    t_dir = inputs["quantize"].model_path()
+    s_dir = materialize(cfg.student, "student", "[distill] student") if cfg.student else inputs["prune"].model_path()
     s_cfg = read_config(s_dir)
     check_architecture(s_cfg, str(s_dir))
     check_tokenizers(t_dir, s_dir)  # before any weight is loaded

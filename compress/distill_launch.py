@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args, dist = parse_args(argv), distill.distributed()
     cfg, world = config(args), dist.num_processes if dist else 1
-    inputs = [Artifact.load(args.teacher), Artifact.load(args.student), Artifact.load(args.data)]
-    t_dir, s_dir = inputs[0].model_path(), inputs[1].model_path()
+    inputs = {"quantize": Artifact.load(args.teacher), "prune": Artifact.load(args.student),
+              "data": Artifact.load(args.data)}  # the distill stage's inputs, by name
+    t_dir, s_dir = inputs["quantize"].model_path(), inputs["prune"].model_path()
     distill.check_tokenizers(t_dir, s_dir)
-    blocks, heldout = distill.training_blocks(inputs[2], read_config(s_dir)["vocab_size"])
+    blocks, heldout = distill.training_blocks(inputs["data"], read_config(s_dir)["vocab_size"])
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     if args.fsdp_teacher and dist is None:
         raise SystemExit("--fsdp-teacher shards the teacher across processes: start several with accelerate launch "

@@ -7,6 +7,9 @@ from typing import Callable
 
 import numpy as np
 
+from pistill.hooks import forward_hooks
+from pistill.registry import lookup, register
+
 SCORERS: dict[str, Callable] = {}  # method -> fn(model, blocks (N, T) int32, seed) -> list of (ffn_dim,) per layer
 HEAD_SCORERS: dict[str, Callable] = {}  # method -> fn(model, blocks, seed) -> list of (n_heads,) per layer
 LAYER_SCORERS: dict[str, Callable] = {}  # method -> fn(model, blocks, seed) -> (n_layer,): low = safe to drop
@@ -16,16 +19,11 @@ AXES = {"mlp": SCORERS, "heads": HEAD_SCORERS, "layers": LAYER_SCORERS, "hidden"
 
 def scorer(name: str, axis: str = "mlp"):
     """Register a model-level scorer of `axis` under `name` (the `method` of `PruneConfig`)."""
-    def register(fn: Callable) -> Callable:
-        AXES[axis][name] = fn
-        return fn
-    return register
+    return register(AXES[axis], name)
 
 
 def get_scorer(name: str, axis: str = "mlp") -> Callable:
-    if name not in AXES[axis]:
-        raise ValueError(f"importance method '{name}' is not supported; supported: {', '.join(sorted(AXES[axis]))}")
-    return AXES[axis][name]
+    return lookup(AXES[axis], name, "importance method")
 
 
 # --- pure score functions: tensors in, tensors out ---------------------------------------------------------------
@@ -123,7 +121,7 @@ class ActivationStats:
         self.output = output  # hook the module's output (forward hook) instead of its input (pre-hook)
         self.sums = [None] * len(self.layers)
         self.n_seq = 0  # sequences seen (the batch dimension, summed)
-        self._handles = []
+        self._hooks = None
 
     def _hook(self, i: int):
         def hook(module, args, out=None):
@@ -135,15 +133,14 @@ class ActivationStats:
         return hook
 
     def __enter__(self) -> "ActivationStats":
-        mods = [self.module(layer) for layer in self.layers]
-        self._handles = [m.register_forward_hook(self._hook(i)) if self.output else
-                         m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(mods)]
+        hooks = [(self.module(layer), self._hook(i)) for i, layer in enumerate(self.layers)]
+        self._hooks = forward_hooks(hooks, pre=not self.output)
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.__exit__(*exc)
+        self._hooks = None
 
     def scores(self) -> list:
         if self.n_seq == 0:
@@ -239,12 +236,8 @@ def layer_influence_scores(model, blocks: np.ndarray, seed: int):
             count[0] += bi.numel() if i == 0 else 0
         return fn
 
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
-    try:
+    with forward_hooks([(layer, hook(i)) for i, layer in enumerate(model.model.layers)], with_kwargs=True):
         calibrate(model, blocks)
-    finally:
-        for h in handles:
-            h.remove()
     return sums / max(count[0], 1)
 
 

@@ -4,6 +4,7 @@ unstructured sparsity for comparison; the `prune` stage."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -145,7 +146,7 @@ def prune(model, blocks, cfg: PruneConfig) -> Shape:
     return shape
 
 
-def run(inputs: list[Artifact], cfg: PruneConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: PruneConfig, out: Path) -> Artifact:
     """Prune the teacher to a uniform shape (and optional sparsity) and save a standard HF folder."""
     import torch
 
@@ -153,7 +154,7 @@ def run(inputs: list[Artifact], cfg: PruneConfig, out: Path) -> Artifact:
     from pistill.evaluate import evaluate_torch
     from pistill.models import check_architecture, count_params, load_model, read_config, save_model, weight_bytes
 
-    teacher, data = inputs
+    teacher, data = inputs["teacher"], inputs["data"]
     folder = teacher.model_path()
     hf_cfg = read_config(folder)
     check_architecture(hf_cfg, str(folder))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -19,6 +20,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from pistill.artifact import Artifact, ArtifactWriter
+from pistill.registry import lookup, register
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def quant_type(name: str):
     """Register a quantization method under `name` (the `method` of `QuantizeConfig`)."""
-    def register(fn: Callable) -> Callable:
-        QUANT_TYPES[name] = fn
-        return fn
-    return register
+    return register(QUANT_TYPES, name)
 
 
 @quant_type("nf4")
@@ -70,9 +69,7 @@ class QuantizeConfig:
     bench_blocks: int = 2  # held-out blocks timed for forward_tps
 
     def __post_init__(self):
-        if self.method not in QUANT_TYPES:
-            raise ValueError(f"quantization method '{self.method}' is not supported; "
-                             f"supported: {', '.join(sorted(QUANT_TYPES))}")
+        lookup(QUANT_TYPES, self.method, "quantization method")
         if self.source not in SOURCES:
             raise ValueError(f"source '{self.source}' is unknown; use teacher (recommended) or pruned")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -151,12 +148,12 @@ def verify_reload(folder: Path, model, block: np.ndarray) -> None:
                            f"(max difference {(got - want).abs().max().item():.3g}); bitsandbytes serialization")
 
 
-def run(inputs: list[Artifact], cfg: QuantizeConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: QuantizeConfig, out: Path) -> Artifact:
     """Quantize the distillation teacher, measure it against its unquantized source, save it as an HF folder."""
     from pistill.data import load_blocks
     from pistill.models import check_architecture, count_params, read_config, save_model, torch_device, weight_bytes
 
-    teacher, pruned, data = inputs
+    teacher, pruned, data = inputs["teacher"], inputs["prune"], inputs["data"]
     folder = (teacher if cfg.source == "teacher" else pruned).model_path()
     check_architecture(read_config(folder), str(folder))
     device, blocks = torch_device(), load_blocks(data, "heldout")[: cfg.bench_blocks]

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, replace
 
 from pistill.errors import InputError
+from pistill.hf_folder import qkv_bias, tied_embeddings
 
 BUDGET_TOLERANCE = 0.02  # a parameter budget is met within 2%
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
@@ -35,13 +36,13 @@ def teacher_shape(hf: dict) -> Shape:
 def param_count(s: Shape, hf: dict) -> int:
     """Parameters of a model of shape `s` with the vocabulary, tying and biases of HF config `hf` (tied counted
     once): embeddings, per layer q/k/v/o (+ biases: Qwen2 has q/k/v biases), gate/up/down, two norms; final norm."""
-    qkv_bias = hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias"))
+    qkv = qkv_bias(hf)
     o_bias = bool(hf.get("attention_bias"))
     mlp_bias = bool(hf.get("mlp_bias"))
     q, kv = s.n_heads * s.head_dim, s.kv_heads * s.head_dim
-    attn = s.hidden * (2 * q + 2 * kv) + qkv_bias * (q + 2 * kv) + o_bias * s.hidden
+    attn = s.hidden * (2 * q + 2 * kv) + qkv * (q + 2 * kv) + o_bias * s.hidden
     mlp = 3 * s.hidden * s.ffn_dim + mlp_bias * (2 * s.ffn_dim + s.hidden)
-    embed = hf["vocab_size"] * s.hidden * (1 if hf.get("tie_word_embeddings", True) else 2)
+    embed = hf["vocab_size"] * s.hidden * (1 if tied_embeddings(hf) else 2)
     return embed + s.hidden + s.n_layer * (attn + mlp + 2 * s.hidden)
 
 

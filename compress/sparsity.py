@@ -11,21 +11,19 @@ from typing import Callable
 import numpy as np
 
 from pistill.errors import InputError
+from pistill.hooks import forward_hooks
+from pistill.registry import lookup, register
 
 WEIGHT_SCORES: dict[str, Callable] = {}  # method -> fn(model, blocks (N, T), ) -> {Linear: score (O, I)}
 
 
 def weight_scorer(name: str):
-    def register(fn: Callable) -> Callable:
-        WEIGHT_SCORES[name] = fn
-        return fn
-    return register
+    """Register a weight scorer under `name` (the `sparsity_method` of `PruneConfig`)."""
+    return register(WEIGHT_SCORES, name)
 
 
 def get_weight_scorer(name: str) -> Callable:
-    if name not in WEIGHT_SCORES:
-        raise ValueError(f"sparsity_method '{name}' is not supported; supported: {', '.join(sorted(WEIGHT_SCORES))}")
-    return WEIGHT_SCORES[name]
+    return lookup(WEIGHT_SCORES, name, "sparsity_method")
 
 
 # --- pure functions -----------------------------------------------------------------------------------------------
@@ -92,12 +90,8 @@ def wanda_scores(model, blocks: np.ndarray) -> dict:
             sq[lin] = sq.get(lin, 0) + (x * x).sum(dim=0).double().cpu()
         return fn
 
-    handles = [lin.register_forward_pre_hook(hook(lin)) for lin in decoder_linears(model)]
-    try:
+    with forward_hooks([(lin, hook(lin)) for lin in decoder_linears(model)], pre=True):
         calibrate(model, blocks)
-    finally:
-        for h in handles:
-            h.remove()
     return {lin: wanda_score(lin.weight.detach().cpu(), torch.sqrt(sq[lin])).to(lin.weight.device) for lin in sq}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -129,7 +130,7 @@ def primary(devices: dict[str, dict]) -> str:
     return next(iter(devices))
 
 
-def run(inputs: list[Artifact], cfg: BenchConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: BenchConfig, out: Path) -> Artifact:
     """Bench each model of the model artifacts (teacher ... baseline, `models`) and write `bench.json` ({key: agent
     JSON}); for SSH targets also `devices.json` ({target: {facts, results, error}}), with `bench.json` the first good
     device's."""
@@ -137,9 +138,9 @@ def run(inputs: list[Artifact], cfg: BenchConfig, out: Path) -> Artifact:
     bars = fleet_specs != [LOCAL]
     with ArtifactWriter(out, "bench", cfg, inputs) as w, _progress(bars) as progress:  # inside: wall_s is the bench
         if fleet_specs == [LOCAL]:
-            results, target = bench_local(inputs, cfg, progress), LOCAL
+            results, target = bench_local(list(inputs.values()), cfg, progress), LOCAL
         else:
-            devices = fleet.bench_fleet(inputs, cfg, fleet_specs, progress)
+            devices = fleet.bench_fleet(list(inputs.values()), cfg, fleet_specs, progress)
             target = primary(devices)
             results = devices[target].get("results", {})
             (w.dir / "devices.json").write_text(json.dumps(devices, indent=2) + "\n")

@@ -16,6 +16,7 @@ RUNTIMES: dict[str, type] = {}
 
 
 def register(name: str):
+    # pistill.registry's register/lookup, kept as a copy here: this file runs on a Pi without pistill
     def deco(cls):
         RUNTIMES[name] = cls
         cls.name = name

@@ -10,6 +10,7 @@ same held-out blocks. The artifact holds several models (manifest `models`, keye
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -91,10 +92,10 @@ def write_files(folder: Path, data: Artifact, kinds: list[str], outtype: str, us
     return files
 
 
-def run(inputs: list[Artifact], cfg: BaselineConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: BaselineConfig, out: Path) -> Artifact:
     """Write the teacher's GGUF at the student GGUF's type and at each other `cfg.quants` type, each scored on the
     held-out blocks; one artifact holding every file as a model."""
-    teacher, data, student = inputs
+    teacher, data, student = inputs["teacher"], inputs["data"], inputs["gguf"]
     folder = teacher.model_path()
     gguf.check_folder(folder)  # every check before anything is written
     student_type, outtype, use_imatrix = student_policy(student.manifest)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +17,9 @@ import numpy as np
 
 from pistill.artifact import Artifact, ArtifactWriter
 from pistill.errors import InputError, UserError
+from pistill.hf_folder import Arch, architecture, check_hf_folder, read_json, tied_embeddings
 
 from .imatrix import LlamaImatrix
-from .verify import check_uniform_layers
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,6 @@ EVALUATE = ("model", "all", "none")
 class QuantizeError(UserError, RuntimeError):
     """llama.cpp could not quantize a GGUF file (its last log lines say why)."""
 
-
-@dataclass(frozen=True)
-class Arch:
-    """How one HF architecture maps onto llama.cpp."""
-
-    gguf_arch: str  # llama.cpp architecture name
-    permute_qk: bool  # HF rotate_half rope -> llama.cpp LLAMA's interleaved-pair rope (qwen2 runs NEOX rope)
-
-
-ARCHITECTURES: dict[str, Arch] = {  # HF model_type -> llama.cpp mapping
-    "llama": Arch("llama", True),
-    "mistral": Arch("llama", True),
-    "qwen2": Arch("qwen2", False),
-}
 
 LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -115,33 +101,17 @@ def gguf_quant(manifest: dict) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def check_folder(folder: Path) -> tuple[dict, Arch]:
-    """The HF config and its llama.cpp mapping; ValueError for anything the writer cannot convert."""
-    folder = Path(folder)
-    config = _read_json(folder / "config.json")
-    if not config:
-        raise InputError(f"{folder} has no config.json; pass a Hugging Face model folder")
-    model_type = config.get("model_type", "?")
-    if model_type not in ARCHITECTURES:
-        raise InputError(f"architecture '{model_type}' is not supported by the GGUF writer; "
-                         f"supported: {', '.join(ARCHITECTURES)}")
-    if not (folder / "tokenizer.json").is_file():
-        raise InputError(f"{folder} has no tokenizer.json; save the fast tokenizer there "
-                         "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
-    if not sorted(folder.glob("*.safetensors")):
-        raise InputError(f"{folder} has no *.safetensors weights; save the model with save_pretrained()")
-    check_tokenizer(folder / "tokenizer.json")
+    """The HF config and its registry entry: `check_hf_folder` plus what only the GGUF writer needs (a byte-level
+    BPE tokenizer, a rope type llama.cpp knows); ValueError for anything the writer cannot convert."""
+    config, arch = check_hf_folder(folder, "the GGUF writer")
+    check_tokenizer(Path(folder) / "tokenizer.json")
     rope_type(config)
-    check_uniform_layers(folder, config)
-    return config, ARCHITECTURES[model_type]
+    return config, arch
 
 
 def check_tokenizer(path: Path) -> None:
-    tok_json = _read_json(path)
+    tok_json = read_json(path)
     byte_level = any(part[0] == "ByteLevel" for part in _pre_signature(tok_json.get("pre_tokenizer")))
     if tok_json.get("model", {}).get("type") != "BPE" or not byte_level:
         raise InputError(f"{path} is not a byte-level BPE tokenizer; the GGUF writer supports only those")
@@ -268,7 +238,7 @@ def _token_id(value, vocab: dict[str, int]) -> int | None:
 
 def special_ids(folder: Path, config: dict, vocab: dict[str, int]) -> dict[str, int]:
     """bos/eos/unk/pad ids: tokenizer_config.json's tokens first, config.json's ids otherwise."""
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    tok_cfg = read_json(folder / "tokenizer_config.json")
     ids = {}
     for kind in ("bos", "eos", "unk", "pad"):
         tid = _token_id(tok_cfg.get(f"{kind}_token"), vocab)
@@ -284,7 +254,7 @@ def adds_special(folder: Path, ids: dict[str, int]) -> tuple[bool, bool]:
     """Whether the HF tokenizer prepends bos / appends eos (tokenizer_config flags, else the post-processor)."""
     from tokenizers import Tokenizer
 
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    tok_cfg = read_json(folder / "tokenizer_config.json")
     enc = Tokenizer.from_file(str(folder / "tokenizer.json")).encode("a").ids
     bos = tok_cfg.get("add_bos_token", "bos" in ids and enc[:1] == [ids["bos"]])
     eos = tok_cfg.get("add_eos_token", "eos" in ids and enc[-1:] == [ids["eos"]])
@@ -295,12 +265,12 @@ def chat_template(folder: Path) -> str | list | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    return _read_json(folder / "tokenizer_config.json").get("chat_template")
+    return read_json(folder / "tokenizer_config.json").get("chat_template")
 
 
 def add_tokenizer(w, folder: Path, config: dict) -> None:
     """Byte-level BPE ("gpt2" in llama.cpp): tokens, types, merges, pre-tokenizer, special ids, chat template."""
-    tok_json = _read_json(folder / "tokenizer.json")
+    tok_json = read_json(folder / "tokenizer.json")
     model = tok_json["model"]
     tokens, types = bpe_vocab(tok_json, config["vocab_size"])
     w.add_tokenizer_model("gpt2")
@@ -325,9 +295,9 @@ def tensor_names(folder: Path, config: dict) -> dict[str, str]:
     import gguf
     from safetensors import safe_open
 
-    arch = gguf.MODEL_ARCH[ARCHITECTURES[config["model_type"]].gguf_arch.upper()]
+    arch = gguf.MODEL_ARCH[architecture(config).gguf_arch.upper()]
     tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    names, tied = {}, config.get("tie_word_embeddings", False)  # transformers' default for llama, qwen2
+    names, tied = {}, tied_embeddings(config)
     for shard in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(shard, framework="pt") as f:
             for name in f.keys():
@@ -341,7 +311,7 @@ def tensor_names(folder: Path, config: dict) -> dict[str, str]:
 
 def convert_tensor(name: str, arr: np.ndarray, config: dict, outtype: str) -> np.ndarray:
     """One HF tensor as llama.cpp wants it: Q/K rope-permuted (LLAMA arch), 2-D in outtype, 1-D in F32."""
-    if ARCHITECTURES[config["model_type"]].permute_qk:
+    if architecture(config).permute_qk:
         n_head = config["num_attention_heads"]
         if ".self_attn.q_proj." in name:
             arr = permute_rope(arr, n_head)
@@ -550,14 +520,14 @@ def describe(files: list[Path], model_file: Path, data: Artifact, cfg: GGUFConfi
     return detail
 
 
-def run(inputs: list[Artifact], cfg: GGUFConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: GGUFConfig, out: Path) -> Artifact:
     """Write the student as `model-<outtype>.gguf`, quantize it to each of `cfg.quants` (with an importance matrix),
     score every file against the teacher and the torch student, fail if the unquantized file is off, and write
     an ollama Modelfile."""
     from .modelfile import for_folder
     from .verify import TorchLM
 
-    student, data = inputs[0], inputs[1]
+    student, data = inputs["distill"], inputs["data"]
     folder = student.model_path()
     config = check_folder(folder)[0]
     names = tensor_names(folder, config)  # every check before anything is written

@@ -7,6 +7,8 @@ import logging
 
 import numpy as np
 
+from pistill.hooks import forward_hooks
+
 log = logging.getLogger(__name__)
 
 
@@ -30,15 +32,11 @@ def collect(model, blocks: np.ndarray, names: dict[str, str]) -> dict[str, np.nd
             counts[gguf_name] = counts.get(gguf_name, 0) + x.shape[0]
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(names[f"{n}.weight"])) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and names.get(f"{n}.weight", "").startswith("blk.")]
-    try:
-        with torch.inference_mode():
-            for block in blocks:
-                model(input_ids=torch.as_tensor(block[None].astype(np.int64), device=model.device))
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(m, hook(names[f"{n}.weight"])) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and names.get(f"{n}.weight", "").startswith("blk.")]
+    with forward_hooks(hooks, pre=True), torch.inference_mode():
+        for block in blocks:
+            model(input_ids=torch.as_tensor(block[None].astype(np.int64), device=model.device))
     return {k: (s / counts[k]).cpu().numpy().astype(np.float32) for k, s in sums.items()}
 
 

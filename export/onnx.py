@@ -5,20 +5,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
 from pistill.errors import InputError
-
-from .verify import check_uniform_layers
+from pistill.hf_folder import check_hf_folder, copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +25,7 @@ PRECISIONS = ("int4", "fp32")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts
 ACCURACY_LEVELS = {1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}  # MatMulNBits activation type
 MODEL_DIR = "model"  # the exported folder inside the artifact: model.onnx(.data), genai_config.json, tokenizer
-EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-               "chat_template.jinja", "generation_config.json")  # copied when the builder did not write them
+USER = "the ONNX export"  # how check_hf_folder's errors name this exporter
 
 
 @dataclass(frozen=True)
@@ -61,37 +59,16 @@ class ONNXConfig:
         return [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}"]
 
 
-def check_source(hf_dir: Path) -> dict:
-    """The HF config of a folder the builder can export, or a one-line ValueError. Loads no weights."""
-    from pistill.models import check_architecture
-
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise InputError(f"{hf_dir} has no config.json; the ONNX export needs a Hugging Face model folder")
-    config = json.loads(path.read_text())
-    check_architecture(config, str(hf_dir))
-    if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method", "?")
-        raise InputError(f"{hf_dir} holds a {method}-quantized model; export an unquantized (distilled) folder")
-    if not (Path(hf_dir) / "tokenizer.json").is_file():
-        raise InputError(f"{hf_dir} has no tokenizer.json (the device tokenizes with it); save the fast tokenizer "
-                         "there (AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
-    if not sorted(Path(hf_dir).glob("*.safetensors")):
-        raise InputError(f"{hf_dir} has no *.safetensors weights; save the model with save_pretrained()")
-    check_uniform_layers(hf_dir, config)
-    return config
-
-
 def export(hf_dir: Path, out: Path, cfg: ONNXConfig) -> Path:
     """Build `out/` (model.onnx, model.onnx.data, genai_config.json, tokenizer files) atomically."""
     hf_dir, out = Path(hf_dir), Path(out)
-    check_source(hf_dir)
+    check_hf_folder(hf_dir, USER)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         t0 = time.time()
         _build(hf_dir, tmp, cfg)
-        copy_extra_files(hf_dir, tmp)
+        copy_tokenizer_files(hf_dir, tmp)  # the ones the builder left out, so the folder is self-contained
         log.info("built %s ONNX model from %s in %.1fs", cfg.precision, hf_dir, time.time() - t0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,14 +88,6 @@ def _build(hf_dir: Path, out: Path, cfg: ONNXConfig) -> None:
         builder.create_model(*args, **options)  # the builder's own option dict, as its CLI passes it
     if not (out / "genai_config.json").is_file():
         raise RuntimeError(f"the model builder wrote no genai_config.json into {out}; rerun with --debug logging")
-
-
-def copy_extra_files(hf_dir: Path, out: Path) -> None:
-    """Copy the tokenizer and generation files the builder left out, so the folder is self-contained."""
-    for name in EXTRA_FILES:
-        src = Path(hf_dir) / name
-        if src.is_file() and not (Path(out) / name).exists():
-            shutil.copy2(src, Path(out) / name)
 
 
 class _ToDebug(logging.Handler):
@@ -198,15 +167,15 @@ def verify(folder: Path, hf_dir: Path, data: Artifact, cfg: ONNXConfig) -> dict:
     return out
 
 
-def run(inputs: list[Artifact], cfg: ONNXConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: ONNXConfig, out: Path) -> Artifact:
     """Export the student to ONNX, score it on the held-out blocks with onnxruntime against the teacher and the
     torch student, and fail if the unquantized (fp32) export does not reproduce torch."""
     from pistill.evaluate import evaluate_path
 
-    student, data = inputs
+    student, data = inputs["distill"], inputs["data"]
     if (student.model or {}).get("format") != "hf":
         raise InputError(f"{student.path} (stage '{student.stage}') holds no Hugging Face folder to export")
-    check_source(student.model_path())
+    check_hf_folder(student.model_path(), USER)
     with ArtifactWriter(out, "onnx", cfg, inputs) as w:
         t0 = time.time()
         folder = export(student.model_path(), w.dir / MODEL_DIR, cfg)

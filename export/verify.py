@@ -1,11 +1,10 @@
-"""Export fidelity: inputs every exporter needs, then tokenizer ids, chat prompts, held-out logits and greedy
+"""Export fidelity: tokenizer ids, chat prompts, held-out logits and greedy
 generations of the exported files against the torch model they came from."""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,8 @@ from typing import Callable
 import numpy as np
 
 from pistill.device.runtimes import TorchRuntime
-from pistill.errors import InputError, UserError
+from pistill.errors import UserError
+from pistill.hf_folder import read_json
 
 log = logging.getLogger(__name__)
 
@@ -52,46 +52,6 @@ class VerificationError(UserError, RuntimeError):
         self.problems = problems
         super().__init__(f"{name} does not reproduce the torch model ({'; '.join(problems)}); "
                          "the exporter is broken for this model, nothing was written")
-
-
-# --- inputs: what every exporter checks before writing --------------------------------------------------------------
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def layer_shapes(folder: Path) -> dict[int, dict[str, tuple[int, ...]]]:
-    """layer index -> {tensor suffix: shape} from the safetensors headers (no weights loaded)."""
-    from safetensors import safe_open
-
-    layers: dict[int, dict[str, tuple[int, ...]]] = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(shard, framework="np") as f:
-            for name in f.keys():
-                if m := _LAYER.match(name):
-                    layers.setdefault(int(m[1]), {})[m[2]] = tuple(f.get_slice(name).get_shape())
-    return layers
-
-
-def check_uniform_layers(folder: Path, config: dict) -> None:
-    """ValueError unless every decoder layer has layer 0's tensors and shapes and the MLP width is config's.
-
-    llama.cpp and onnxruntime-genai take one `intermediate_size` / head layout for every layer.
-    """
-    layers = layer_shapes(folder)
-    if sorted(layers) != list(range(config["num_hidden_layers"])):
-        raise InputError(f"{folder}: the weights hold layers {sorted(layers)[:5]}... but config.json says "
-                         f"num_hidden_layers = {config['num_hidden_layers']}; save the model again")
-    first = layers[0]
-    for i, shapes in layers.items():
-        for name in sorted(set(first) | set(shapes)):
-            if shapes.get(name) != first.get(name):
-                raise InputError(f"{folder}: layer {i} {name} has shape {shapes.get(name)} but layer 0 has "
-                                 f"{first.get(name)}; llama.cpp and onnxruntime-genai need uniform layers "
-                                 "(prune every layer to the same ffn_dim)")
-    ffn = first.get("mlp.gate_proj.weight", (config["intermediate_size"],))[0]
-    if ffn != config["intermediate_size"]:
-        raise InputError(f"{folder}: the MLP weights are {ffn} wide but config.json says intermediate_size = "
-                         f"{config['intermediate_size']}; fix config.json")
 
 
 # --- tokenization ---------------------------------------------------------------------------------------------------
@@ -177,7 +137,7 @@ def onnx_tokenizer_parity(model_dir: Path, folder: Path) -> dict:
 
     model_dir = Path(model_dir)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tok_cfg = _read_json(model_dir / "tokenizer_config.json")
+    tok_cfg = read_json(model_dir / "tokenizer_config.json")
     jinja = model_dir / "chat_template.jinja"
     template = jinja.read_text(encoding="utf-8") if jinja.is_file() else tok_cfg.get("chat_template")
     special = {k: _token_text(tok_cfg.get(k)) for k in ("bos_token", "eos_token")}
@@ -188,14 +148,10 @@ def onnx_tokenizer_parity(model_dir: Path, folder: Path) -> dict:
 
     hf = AutoTokenizer.from_pretrained(folder)
     out = tokenizer_parity(hf, lambda t, s: tok.encode(t, add_special_tokens=s).ids, chat_ids if template else None)
-    eos = _read_json(model_dir / "genai_config.json").get("model", {}).get("eos_token_id", [])
+    eos = read_json(model_dir / "genai_config.json").get("model", {}).get("eos_token_id", [])
     out["eos_ok"] = hf.eos_token_id is None or hf.eos_token_id in (eos if isinstance(eos, list) else [eos])
     out["ok"] = out["ok"] and out["eos_ok"]
     return out
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _token_text(value) -> str:
@@ -203,12 +159,6 @@ def _token_text(value) -> str:
 
 
 # --- held-out logits ------------------------------------------------------------------------------------------------
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(T, V) -> (T, V) in float64."""
-    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
 
 def kl_div(ref_lp: np.ndarray, lp: np.ndarray) -> np.ndarray:
     """KL(ref || model) per position over the whole vocabulary: (T, V), (T, V) log-probs -> (T,)."""
@@ -262,7 +212,7 @@ def score(reference: TorchLM, runtimes: dict[str, object], data) -> dict[str, di
     """Each runtime on the held-out blocks of `data`, each block run once: against the teacher (pistill.evaluate's
     ppl, agreement, kl, n_tokens) and against `reference` (`vs_student`: agreement, kl, ppl, ref_ppl, ppl_delta)."""
     from pistill.data import load_blocks, load_reference
-    from pistill.evaluate import Scores
+    from pistill.evaluate import Scores, log_softmax
 
     blocks, ref = load_blocks(data, "heldout"), load_reference(data)
     teacher = {name: Scores() for name in runtimes}

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -42,9 +43,14 @@ def config_dict(cfg: Any) -> dict:
     return {"version": getattr(cfg, "VERSION", 1), **dataclasses.asdict(cfg)}
 
 
-def input_key(stage: str, cfg: Any, parents: list["Artifact"]) -> str:
+def as_list(parents: Mapping[str, "Artifact"] | Sequence["Artifact"]) -> list["Artifact"]:
+    """A stage's inputs ({input stage: artifact}, in the stage's declared order) as a list of its parents."""
+    return list(parents.values()) if isinstance(parents, Mapping) else list(parents)
+
+
+def input_key(stage: str, cfg: Any, parents: Mapping[str, "Artifact"] | Sequence["Artifact"]) -> str:
     """The hash that decides whether a stage must rerun: stage, config (with version) and parents' ids."""
-    blob = json.dumps({"stage": stage, "config": config_dict(cfg), "parents": [p.id for p in parents]},
+    blob = json.dumps({"stage": stage, "config": config_dict(cfg), "parents": [p.id for p in as_list(parents)]},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -196,14 +202,14 @@ def _git_sha() -> str | None:
 class ArtifactWriter:
     """Context manager that writes an artifact into `<out>.tmp-<pid>` and renames it to `out` on success.
 
-    with ArtifactWriter(out, "prune", cfg, parents) as w:
+    with ArtifactWriter(out, "prune", cfg, inputs) as w:  # inputs: {stage: Artifact} (or a list of parents)
         model.save_pretrained(w.dir); w.metrics["params"] = n; w.model = {"format": "hf", "file": "."}
     """
 
     out: Path
     stage: str
     config: Any
-    parents: list[Artifact]
+    parents: Mapping[str, Artifact] | Sequence[Artifact]  # kept as a list of the artifacts
     metrics: dict = field(default_factory=dict)
     model: dict | None = None
     models: list[dict] | None = None  # several models: [{"key", "format", "file", "metrics"}]
@@ -212,6 +218,7 @@ class ArtifactWriter:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        self.parents = as_list(self.parents)
         self.dir = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
         self._t0 = 0.0
 

@@ -13,10 +13,17 @@ from . import __version__
 from .errors import UsageError
 
 log = logging.getLogger("pistill")
-STAGE_COMMANDS = {  # subcommand -> pipeline stages it runs
-    "prune": ["prune"], "quantize": ["quantize"], "distill": ["distill"], "export": ["gguf", "onnx"],
-    "baseline": ["baseline"], "bench": ["bench"], "eval": ["eval"], "report": ["report"],
-}
+
+
+def stage_commands() -> dict[str, list[str]]:
+    """{subcommand: the pipeline stages it runs}, in pipeline order, from the stage table's `command` fields."""
+    from .pipeline import STAGES
+
+    commands: dict[str, list[str]] = {}
+    for st in STAGES:
+        if st.command:
+            commands.setdefault(st.command, []).append(st.name)
+    return commands
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--target", help="benchmark target: 'local' or user@host (overrides [bench] target)")
     r.add_argument("--eval-items", type=int, metavar="N",
                    help="multiple-choice items per task (overrides [eval] items; 0 = all), e.g. 500 for the full report")
-    for name, stages in STAGE_COMMANDS.items():
+    for name, stages in stage_commands().items():
         s = sub.add_parser(name, help=f"run the {'/'.join(stages)} stage alone on a run folder's artifacts")
         s.add_argument("run_dir", help="run folder holding the input artifacts (<run>/<stage>/)")
         s.add_argument("--recipe", help="take this stage's options from a recipe (default: built-in defaults)")
@@ -141,7 +148,7 @@ def _stage(args) -> int:
     from .artifact import Artifact
 
     rec = _overridden(_load_recipe(args.recipe), args)
-    stages = STAGE_COMMANDS[args.command]
+    stages = stage_commands()[args.command]
     run_dir, overrides = Path(args.run_dir).expanduser(), _overrides(args.input, stages)
     if args.out and len(stages) > 1:
         raise UsageError(f"--out names one folder but '{args.command}' writes {len(stages)} artifacts; "
@@ -151,7 +158,7 @@ def _stage(args) -> int:
         out = Path(args.out).expanduser() if args.out else run_dir / name
         _check_out(out, run_dir)
         with _lock(out, run_dir):  # before reading the inputs: another run may be writing them
-            inputs = [Artifact.load(overrides.get(n, run_dir / n), stage=n) for n in st.inputs]
+            inputs = {n: Artifact.load(overrides.get(n, run_dir / n), stage=n) for n in st.inputs}
             art, _ = pipeline.run_stage(st, inputs, rec.configs[name], out, force=True)
         print(art.path)
     return 0

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -314,11 +315,11 @@ def check_generator(cfg: DataConfig, teacher_dir: Path) -> None:
                          "set [data] generator = \"transformers\"") from None
 
 
-def run(inputs: list[Artifact], cfg: DataConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: DataConfig, out: Path) -> Artifact:
     """Build calibration / training / held-out blocks, teacher answers and the teacher reference."""
     from .models import load_model, load_tokenizer, read_config
 
-    teacher = inputs[0]
+    teacher = inputs["teacher"]
     check_topk(cfg, read_config(teacher.model_path()))
     check_generator(cfg, teacher.model_path())
     with ArtifactWriter(out, "data", cfg, inputs) as w:

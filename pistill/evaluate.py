@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +12,8 @@ from .data import load_blocks, load_reference
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(T, V) -> (T, V), numerically stable."""
-    z = logits - logits.max(axis=-1, keepdims=True)
+    """(T, V) -> (T, V) in float64, numerically stable."""
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
@@ -26,12 +26,11 @@ class Scores:
     agree: int = 0
     kl: float = 0.0
     n_pos: int = 0
-    per_block: list = field(default_factory=list)
 
     def add(self, logits: np.ndarray, ids: np.ndarray, top1: np.ndarray, topk_ids: np.ndarray,
             topk_logp: np.ndarray) -> None:
         """logits (T, V) of the model on block `ids` (T,); teacher argmax (T,) and top-k (T, K)."""
-        lp = log_softmax(logits.astype(np.float64))
+        lp = log_softmax(logits)
         nll = -lp[np.arange(len(ids) - 1), ids[1:]]
         self.nll += float(nll.sum())
         self.n_next += len(nll)
@@ -40,7 +39,6 @@ class Scores:
         student = np.take_along_axis(lp, topk_ids.astype(np.int64), axis=-1)
         self.kl += float((np.exp(topk_logp) * (topk_logp - student)).sum())
         self.n_pos += len(ids)
-        self.per_block.append(float(nll.mean()))
 
     def result(self) -> dict:
         return {"ppl": float(np.exp(self.nll / self.n_next)), "agreement": self.agree / self.n_pos,

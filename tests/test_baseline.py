@@ -63,7 +63,8 @@ def student_gguf(tmp_path_factory):
 def test_run_writes_the_teachers_files_at_the_students_type_and_q8(tiny_teacher, tiny_data, student_gguf, tmp_path):
     from pistill.device.local import models
 
-    art = run([tiny_teacher, tiny_data, student_gguf], BaselineConfig(threads=2), tmp_path / "baseline")
+    inputs = {"teacher": tiny_teacher, "data": tiny_data, "gguf": student_gguf}
+    art = run(inputs, BaselineConfig(threads=2), tmp_path / "baseline")
     assert [m["key"] for m in art.models] == ["baseline", "baseline:Q8_0"]
     assert [m["file"] for m in art.models] == ["teacher-Q4_0.gguf", "teacher-Q8_0.gguf"]
     assert sorted(p.name for p in art.path.glob("*.gguf")) == ["teacher-Q4_0.gguf", "teacher-Q8_0.gguf"]

@@ -14,7 +14,7 @@ from pistill.device import agent
 from pistill.device.bench import BenchConfig, run
 from pistill.device.local import bench_model
 from pistill.device.protocol import SUMMARY
-from tiny import FakeConfig, model_artifact
+from tiny import FakeConfig, model_artifact, named
 
 QUICK = BenchConfig(threads=1, prompt_tokens=[8], gen_tokens=4, repeats=1, warmup=0, timeout_s=300, cooldown_s=0,
                     bandwidth_mb=4)
@@ -107,7 +107,7 @@ def test_bench_model_without_model(tmp_path):
 
 
 def test_run_records_broken_model_and_finishes_others(teacher, gguf, broken, tmp_path):
-    art = run([teacher, broken, gguf], QUICK, tmp_path / "bench")
+    art = run(named([teacher, broken, gguf]), QUICK, tmp_path / "bench")
     results = json.loads(art.file("bench.json").read_text())
     assert list(results) == ["teacher", "quantize", "gguf"]
     assert results["quantize"]["error"].startswith("agent: error: llama_cpp failed on ")
@@ -124,7 +124,7 @@ def _report(model, bench):
     from pistill.report import render_markdown, report_data
     from pistill.report_html import render_html
 
-    report = report_data([model, bench])
+    report = report_data(named([model, bench]))
     return report, render_markdown(report), render_html(report)
 
 
@@ -132,7 +132,7 @@ def test_busy_machine_is_flagged_in_the_bench_and_the_report(gguf, tmp_path):
     """A CPU burner runs through a local bench: the agent records it and the report warns."""
     burner = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)  # a core busy for the few seconds of the bench
     try:
-        art = run([gguf], QUICK, tmp_path / "bench")
+        art = run(named([gguf]), QUICK, tmp_path / "bench")
     finally:
         burner.kill()
         burner.wait()
@@ -153,7 +153,7 @@ def test_quiet_machine_has_no_busy_warning(gguf, tmp_path):
     if quiet["other_cores"] is None or quiet["other_cores"] >= 0.2:
         pytest.skip(f"this machine is busy with other work ({quiet['other_cores']} cores); the quiet case needs "
                     "a quiet machine (CI)")
-    art = run([gguf], QUICK, tmp_path / "bench")
+    art = run(named([gguf]), QUICK, tmp_path / "bench")
     load = json.loads(art.file("bench.json").read_text())["gguf"]["load"]
     assert load["busy"] is None and load["during"]["other_cores"] < agent.BUSY_MIN_CORES, load
     report, md, html = _report(gguf, art)
@@ -172,7 +172,7 @@ def test_run_benches_every_model_of_an_artifact(tiny_model, teacher, tmp_path):
         w.model = {"format": "gguf", "file": "a.gguf"}
         w.models = [{"key": "baseline", "format": "gguf", "file": "a.gguf"},
                     {"key": "baseline:Q8_0", "format": "gguf", "file": "b.gguf"}]
-    art = run([teacher, w.artifact], QUICK, tmp_path / "bench")
+    art = run(named([teacher, w.artifact]), QUICK, tmp_path / "bench")
     results = json.loads(art.file("bench.json").read_text())
     assert list(results) == ["teacher", "baseline", "baseline:Q8_0"]
     assert {r["model"]["path"].rsplit("/", 1)[-1] for k, r in results.items() if k != "teacher"} == {"a.gguf", "b.gguf"}

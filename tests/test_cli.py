@@ -45,3 +45,12 @@ def test_stage_subcommand_needs_artifacts(tmp_path):
     assert p.returncode == 2 and "STAGE=DIR" in p.stderr
     p, _ = pistill("distill", str(tmp_path), "--input", f"distil={tmp_path}")  # a typo is refused, not ignored
     assert p.returncode == 2 and "reads no stage 'distil'; valid: data, prune, quantize" in p.stderr
+
+
+def test_stage_subcommands_come_from_the_stage_table():
+    """One subcommand per stage command, in pipeline order; `export` runs both exporters."""
+    from pistill.cli import stage_commands
+
+    assert stage_commands() == {"prune": ["prune"], "quantize": ["quantize"], "distill": ["distill"],
+                                "export": ["gguf", "onnx"], "baseline": ["baseline"], "bench": ["bench"],
+                                "eval": ["eval"], "report": ["report"]}

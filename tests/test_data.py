@@ -90,7 +90,7 @@ def test_the_data_stage_is_deterministic_for_a_seed(tiny_teacher, tiny_data, tmp
     from pistill.data import run
 
     cfg = DataConfig(**{k: v for k, v in tiny_data.manifest["config"].items() if k != "version"})
-    again = run([tiny_teacher], cfg, tmp_path / "data")
+    again = run({"teacher": tiny_teacher}, cfg, tmp_path / "data")
     for name in ("generated.jsonl", "tasks.jsonl", "train.npy", "calib.npy", "heldout.npy"):
         assert again.file(name).read_bytes() == tiny_data.file(name).read_bytes(), name
 
@@ -100,7 +100,7 @@ def test_transformers_generator_path(tiny_teacher, tmp_path):
 
     cfg = DataConfig(block_size=64, calib_blocks=2, train_blocks=8, heldout_blocks=1, instructions=2, generate=3,
                      gen_tokens=8, generator="transformers", parallel=2, topk=8)
-    m = run([tiny_teacher], cfg, tmp_path / "data").metrics
+    m = run({"teacher": tiny_teacher}, cfg, tmp_path / "data").metrics
     assert m["generation"]["generator"] == "transformers" and "gguf_type" not in m["generation"]
     assert m["answers"]["asked"] == 3 and m["self_instruct"]["proposed"] >= 1
 
@@ -150,7 +150,7 @@ def test_topk_above_the_vocabulary_fails_before_loading(tiny_teacher, tmp_path):
     from pistill.errors import InputError
 
     with pytest.raises(InputError, match=r"\[data\] topk = 100000 is more than the teacher's \d+ tokens"):
-        run([tiny_teacher], DataConfig(topk=100_000), tmp_path / "data")
+        run({"teacher": tiny_teacher}, DataConfig(topk=100_000), tmp_path / "data")
     assert not list(tmp_path.iterdir())
 
 
@@ -170,5 +170,5 @@ def test_a_teacher_llama_cpp_cannot_load_is_refused_before_loading(tiny_model, t
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     teacher = Artifact(folder, {"stage": "teacher", "id": "t", "model": {"format": "hf", "file": "."}})
     with pytest.raises(InputError, match=r'not a byte-level BPE tokenizer.*set \[data\] generator = "transformers"'):
-        run([teacher], DataConfig(generate=2, instructions=0), tmp_path / "data")
+        run({"teacher": teacher}, DataConfig(generate=2, instructions=0), tmp_path / "data")
     assert not (tmp_path / "data").exists()

@@ -351,7 +351,8 @@ def test_run_refuses_mismatched_tokenizers_before_loading(tiny_model, tiny_data,
     other = swapped_tokenizer_copy(tiny_model, tmp_path / "other")  # holds no weights
     art = lambda p: Artifact(p, {"stage": "x", "id": str(p), "model": {"format": "hf", "file": "."}})  # noqa: E731
     with pytest.raises(ValueError, match="different tokenizers"):
-        distill.run([art(tiny_model), art(other), tiny_data], DistillConfig(), tmp_path / "distill")
+        distill.run({"quantize": art(tiny_model), "prune": art(other), "data": tiny_data}, DistillConfig(),
+                    tmp_path / "distill")
     assert not (tmp_path / "distill").exists()
 
 
@@ -361,11 +362,12 @@ def test_run_trains_and_writes_the_student(tiny_teacher, tiny_data, tmp_path, ca
     from pistill.compress.quantize import QuantizeConfig
     from pistill.compress.quantize import run as quantize_run
 
-    pruned = prune_run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path / "prune")
-    teacher_q = quantize_run([tiny_teacher, pruned, tiny_data], QuantizeConfig(bench_blocks=1), tmp_path / "q")
+    pruned = prune_run({"teacher": tiny_teacher, "data": tiny_data}, PruneConfig(calib_blocks=2), tmp_path / "prune")
+    teacher_q = quantize_run({"teacher": tiny_teacher, "prune": pruned, "data": tiny_data},
+                             QuantizeConfig(bench_blocks=1), tmp_path / "q")
     cfg = DistillConfig(steps=3, warmup_steps=1, eval_every=2, eval_blocks=1, ckpt_every=2)
     capfd.readouterr()
-    art = distill.run([teacher_q, pruned, tiny_data], cfg, tmp_path / "distill")
+    art = distill.run({"quantize": teacher_q, "prune": pruned, "data": tiny_data}, cfg, tmp_path / "distill")
     assert capfd.readouterr().out == ""  # progress goes to stderr; stdout is for a command's output
     m = art.metrics
     assert m["steps"] == 3 and m["params"] == pruned.metrics["params"]
@@ -392,7 +394,7 @@ def test_any_hf_model_can_be_the_student(tiny_teacher, tiny_model, tiny_data, tm
         shutil.copy2(tiny_model / name, folder / name)
     dcfg = DistillConfig(steps=2, warmup_steps=1, eval_every=0, ckpt_every=0, student=str(folder))
     dcfg.validate_paths()
-    art = distill.run([tiny_teacher, tiny_teacher, tiny_data], dcfg, tmp_path / "distill")
+    art = distill.run({"quantize": tiny_teacher, "prune": tiny_teacher, "data": tiny_data}, dcfg, tmp_path / "distill")
     assert art.manifest["student"] == str(folder) and art.metrics["steps"] == 2
     got = load(art.model_path()).config
     assert (got.intermediate_size, got.num_hidden_layers) == (32, 1)
@@ -409,9 +411,9 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_teacher, tiny_data, tmp_pat
     from pistill.compress.prune import PruneConfig
     from pistill.compress.prune import run as prune_run
 
-    pruned = prune_run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path / "prune")
+    pruned = prune_run({"teacher": tiny_teacher, "data": tiny_data}, PruneConfig(calib_blocks=2), tmp_path / "prune")
     cfg = DistillConfig(steps=4, warmup_steps=1, eval_every=0, ckpt_every=2)
-    inputs, out = [tiny_teacher, pruned, tiny_data], tmp_path / "distill"
+    inputs, out = {"quantize": tiny_teacher, "prune": pruned, "data": tiny_data}, tmp_path / "distill"
     real_step = distill._train_step
 
     def killed_at_step_3(student, teacher, blocks, step, *rest):
@@ -445,7 +447,7 @@ def test_launch_arguments_default_to_a_run_folder(tmp_path):
 def test_the_stage_refuses_to_run_as_several_processes(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="distill_launch.py"):
-        distill.run([], DistillConfig(), tmp_path / "distill")
+        distill.run({}, DistillConfig(), tmp_path / "distill")
 
 
 def launch(teacher, student, data, tmp_path, *extra: str) -> dict:
@@ -471,7 +473,7 @@ def pruned(tiny_teacher, tiny_data, tmp_path):
     from pistill.compress.prune import PruneConfig
     from pistill.compress.prune import run as prune_run
 
-    return prune_run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path / "prune")
+    return prune_run({"teacher": tiny_teacher, "data": tiny_data}, PruneConfig(calib_blocks=2), tmp_path / "prune")
 
 
 def test_two_cpu_processes_end_with_identical_weights(tiny_teacher, tiny_data, pruned, tmp_path):

@@ -24,7 +24,7 @@ from pistill.device import target as T
 from pistill.device.bench import BenchConfig, run
 from pistill.device.local import BenchInterrupted
 from sshd import sshd_factory  # noqa: F401 (fixture)
-from tiny import model_artifact
+from tiny import model_artifact, named
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def quick(tmp_path, **changes) -> BenchConfig:
 
 def test_fleet_with_one_device_down(models, onnx_student, lab, tmp_path):
     up, down = lab
-    art = run(models + [onnx_student], quick(tmp_path, targets=[down.spec, up.spec]), tmp_path / "bench")
+    art = run(named(models + [onnx_student]), quick(tmp_path, targets=[down.spec, up.spec]), tmp_path / "bench")
     devices = json.loads(art.file("devices.json").read_text())
     assert list(devices) == [down.spec, up.spec]
     assert f"cannot reach 127.0.0.1:{down.port}" in devices[down.spec]["error"]
@@ -95,27 +95,27 @@ def test_fleet_with_one_device_down(models, onnx_student, lab, tmp_path):
 def test_second_run_uploads_nothing(models, lab, tmp_path, monkeypatch):
     up, _ = lab
     cfg = quick(tmp_path, target=up.spec)
-    run(models[1:], cfg, tmp_path / "bench1")
+    run(named(models[1:]), cfg, tmp_path / "bench1")
 
     def no_send(*args):
         raise AssertionError("uploaded again")
 
     monkeypatch.setattr(transfer, "_send", no_send)
-    art = run(models[1:], cfg, tmp_path / "bench2")
+    art = run(named(models[1:]), cfg, tmp_path / "bench2")
     assert art.metrics["gguf"]["decode_tps"] > 0
 
 
 def test_every_device_down_fails_the_stage(models, lab, tmp_path):
     _, down = lab
     with pytest.raises(T.TargetError, match="no device could be benchmarked"):
-        run(models, quick(tmp_path, target=down.spec), tmp_path / "bench")
+        run(named(models), quick(tmp_path, target=down.spec), tmp_path / "bench")
     assert not (tmp_path / "bench").exists()  # nothing cached: a rerun tries again
 
 
 def test_device_without_python(models, lab, tmp_path):
     up, _ = lab
     with pytest.raises(T.TargetError, match=r"python '/no/such/python3' is not there or does not run"):
-        run(models, quick(tmp_path, target=up.spec, python="/no/such/python3"), tmp_path / "bench")
+        run(named(models), quick(tmp_path, target=up.spec, python="/no/such/python3"), tmp_path / "bench")
 
 
 def test_unknown_host_key_in_a_fleet(models, lab, tmp_path, sshd_factory):
@@ -260,7 +260,7 @@ def test_ctrl_c_stops_a_fleet_at_once_and_kills_the_agents(ggufs, sshd_factory, 
 
     sent = interrupt_when(second_model_running)
     with caplog.at_level(logging.WARNING), pytest.raises(BenchInterrupted) as stopped:
-        run(ggufs, cfg, tmp_path / "bench")
+        run(named(ggufs), cfg, tmp_path / "bench")
     took = time.monotonic() - sent["t"]
     assert took < 6, f"the fleet took {took:.1f} s to stop"
     assert agents_on(a) == [] and agents_on(b) == []  # killed on the devices, not left running
@@ -285,7 +285,7 @@ def test_agent_output_that_is_not_an_object_fails_only_that_device(junk, ggufs, 
         "import atexit, sys\n"
         f"if sys.argv and sys.argv[0].endswith('agent.py'):\n    atexit.register(print, {junk!r})\n")
     a, b = pair(sshd_factory, tmp_path, monkeypatch, env_b={"PYTHONPATH": str(site)})
-    art = run(ggufs[2:], quick(tmp_path, targets=[a.spec, b.spec], remote_cache="~/cache"), tmp_path / "bench")
+    art = run(named(ggufs[2:]), quick(tmp_path, targets=[a.spec, b.spec], remote_cache="~/cache"), tmp_path / "bench")
     devices = json.loads(art.file("devices.json").read_text())
     bad = devices[b.spec]["results"]["gguf"]
     assert set(bad) == {"error", "runtime"} and bad["runtime"] == "llama_cpp"
@@ -304,7 +304,7 @@ def test_damaged_device_copy_is_found_and_uploaded_again(models, lab, tmp_path, 
     uploads it again and benchmarks the right file, not the damaged one."""
     up, _ = lab
     cfg = quick(tmp_path, target=up.spec)
-    first = run(models[1:], cfg, tmp_path / "bench1")
+    first = run(named(models[1:]), cfg, tmp_path / "bench1")
     loaded = Path(json.loads(first.file("bench.json").read_text())["gguf"]["model"]["path"])
     want = sha(models[1].model_path())
     blob = tmp_path / "device-cache" / "blobs" / want
@@ -314,7 +314,7 @@ def test_damaged_device_copy_is_found_and_uploaded_again(models, lab, tmp_path, 
         f.write(b"\xff" * 4096)
     assert sha(loaded) != want
     with caplog.at_level(logging.WARNING):
-        again = run(models[1:], cfg, tmp_path / "bench2")
+        again = run(named(models[1:]), cfg, tmp_path / "bench2")
     assert "the device's copy of model-f32.gguf is damaged" in caplog.text
     result = json.loads(again.file("bench.json").read_text())["gguf"]
     assert result["decode_tps"] > 0 and sha(Path(result["model"]["path"])) == want and sha(blob) == want

@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pistill.export.gguf import (ARCHITECTURES, LLAMA3_RE, QWEN2_RE, QUANT_FTYPES, GGUFConfig, gguf_quant, gguf_stats,
-                                 permute_rope, pre_tokenizer_name, quantize_gguf, run, write_gguf)
+from pistill.export.gguf import (LLAMA3_RE, QWEN2_RE, QUANT_FTYPES, GGUFConfig, gguf_quant, gguf_stats, permute_rope,
+                                 pre_tokenizer_name, quantize_gguf, run, write_gguf)
+from pistill.hf_folder import ARCHITECTURES, tied_embeddings
 
 TEXTS = [
     "héllo wörld — naïve café ✓ 日本語 🙂",
@@ -109,7 +110,7 @@ def test_f32_matches_torch(variant_folder, tmp_path):
     ref, got = _torch_logits(variant_folder, TOKENS), _gguf_logits(path, TOKENS)
     assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
     assert (got.argmax(-1) == ref.argmax(-1)).all()
-    tied = json.loads((variant_folder / "config.json").read_text()).get("tie_word_embeddings", True)
+    tied = tied_embeddings(json.loads((variant_folder / "config.json").read_text()))
     assert ("output.weight" in _tensor_names(path)) != tied
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -330,7 +331,7 @@ def test_architectures_are_llama_family():
 
 def test_run_writes_a_gguf_artifact(tiny_teacher, tiny_data, tmp_path):
     cfg = GGUFConfig(outtype="f16", quants=("Q8_0", "Q4_0"), threads=1, gen_tokens=8)
-    art = run([tiny_teacher, tiny_data], cfg, tmp_path / "gguf")
+    art = run({"distill": tiny_teacher, "data": tiny_data}, cfg, tmp_path / "gguf")
     assert art.model == {"format": "gguf", "file": "model-Q8_0.gguf"}
     assert art.model_path().is_file() and art.path == tmp_path / "gguf"
     m, detail = art.metrics, art.manifest["files_detail"]
@@ -366,12 +367,12 @@ def test_run_fails_when_the_unquantized_file_is_off(tiny_teacher, tiny_data, tmp
         name, np.roll(arr, 1, axis=0) if "embed_tokens" in name and out in broken else arr, config, out))
     cfg = GGUFConfig(outtype=outtype, quants=(), threads=1, imatrix=False, gen_tokens=4)
     if match is None:
-        m = run([tiny_teacher, tiny_data], cfg, tmp_path / "gguf").metrics
+        m = run({"distill": tiny_teacher, "data": tiny_data}, cfg, tmp_path / "gguf").metrics
         assert m["verified_with"] == "f32" and m["f32_check"]["unquantized_agreement"] == 1.0
         assert m["unquantized_agreement"] < 0.99 and "F16 loses precision on this model" in caplog.text
         return
     with pytest.raises(VerificationError, match=match):
-        run([tiny_teacher, tiny_data], cfg, tmp_path / "gguf")
+        run({"distill": tiny_teacher, "data": tiny_data}, cfg, tmp_path / "gguf")
     assert not list(tmp_path.iterdir())
 
 
@@ -380,5 +381,5 @@ def test_run_with_a_bad_student_leaves_nothing(tiny_teacher, tiny_data, tmp_path
 
     folder = _broken(tiny_teacher.path, tmp_path / "student", drop=("tokenizer.json",))
     with pytest.raises(ValueError, match="tokenizer.json"):
-        run([Artifact.load(folder), tiny_data], GGUFConfig(), tmp_path / "gguf")
+        run({"distill": Artifact.load(folder), "data": tiny_data}, GGUFConfig(), tmp_path / "gguf")
     assert [p.name for p in tmp_path.iterdir()] == ["student"]

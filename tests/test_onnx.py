@@ -154,7 +154,7 @@ def test_bad_source_fails_before_writing(tmp_path, config, match):
     with pytest.raises(ValueError, match=match):
         export(src, tmp_path / "out", ONNXConfig())
     with pytest.raises(ValueError, match=match):
-        run([student, student], ONNXConfig(), tmp_path / "art")
+        run({"distill": student, "data": student}, ONNXConfig(), tmp_path / "art")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -176,7 +176,7 @@ def test_missing_files_fail_before_writing(tiny_model, tmp_path, drop, match):
 
 
 def test_run_writes_verified_int4_artifact(tiny_teacher, tiny_data, tmp_path):
-    art = run([tiny_teacher, tiny_data], ONNXConfig(gen_tokens=8), tmp_path / "onnx")
+    art = run({"distill": tiny_teacher, "data": tiny_data}, ONNXConfig(gen_tokens=8), tmp_path / "onnx")
     assert art.model == {"format": "onnx", "file": "model"} and (art.model_path() / "model.onnx").is_file()
     m = art.metrics
     assert m["params"] == tiny_teacher.metrics["params"] and m["bytes"] == model_bytes(art.model_path())
@@ -195,7 +195,7 @@ def test_run_fp32_verifies_itself_and_fails_when_off(tiny_teacher, tiny_data, tm
     from pistill.export import onnx
     from pistill.export.verify import VerificationError
 
-    art = run([tiny_teacher, tiny_data], ONNXConfig(precision="fp32", gen_tokens=4), tmp_path / "ok")
+    art = run({"distill": tiny_teacher, "data": tiny_data}, ONNXConfig(precision="fp32", gen_tokens=4), tmp_path / "ok")
     assert art.metrics["agreement"] == pytest.approx(1.0) and art.metrics["unquantized_agreement"] == 1.0
     score = onnx.score_exports
 
@@ -206,5 +206,5 @@ def test_run_fp32_verifies_itself_and_fails_when_off(tiny_teacher, tiny_data, tm
 
     monkeypatch.setattr(onnx, "score_exports", off)
     with pytest.raises(VerificationError, match="fp32 ONNX export .* agreement 0.9700 < 0.99"):
-        run([tiny_teacher, tiny_data], ONNXConfig(precision="fp32", gen_tokens=4), tmp_path / "bad")
+        run({"distill": tiny_teacher, "data": tiny_data}, ONNXConfig(precision="fp32", gen_tokens=4), tmp_path / "bad")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]

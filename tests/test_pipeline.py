@@ -1,8 +1,10 @@
 """Pipeline: unchanged stages are skipped, changed or forced ones rerun, downstream follows."""
 
+import pytest
+
 from pistill import pipeline
 from pistill.data import DataConfig
-from pistill.models import TeacherConfig
+from pistill.teacher import TeacherConfig
 
 DATA = DataConfig(block_size=32, calib_blocks=2, train_blocks=2, heldout_blocks=1, generate=0, topk=4)
 
@@ -10,22 +12,32 @@ DATA = DataConfig(block_size=32, calib_blocks=2, train_blocks=2, heldout_blocks=
 def test_skip_rerun_and_downstream(tiny_model, tmp_path):
     teacher_st, data_st = pipeline.stage("teacher"), pipeline.stage("data")
     cfg = TeacherConfig(source=str(tiny_model))
-    t1, ran = pipeline.run_stage(teacher_st, [], cfg, tmp_path / "teacher", force=False)
+    t1, ran = pipeline.run_stage(teacher_st, {}, cfg, tmp_path / "teacher", force=False)
     assert ran
-    d1, _ = pipeline.run_stage(data_st, [t1], DATA, tmp_path / "data", force=False)
-    t2, ran = pipeline.run_stage(teacher_st, [], cfg, tmp_path / "teacher", force=False)
+    d1, _ = pipeline.run_stage(data_st, {"teacher": t1}, DATA, tmp_path / "data", force=False)
+    t2, ran = pipeline.run_stage(teacher_st, {}, cfg, tmp_path / "teacher", force=False)
     assert not ran and t2.id == t1.id
-    d2, ran = pipeline.run_stage(data_st, [t2], DATA, tmp_path / "data", force=False)
+    d2, ran = pipeline.run_stage(data_st, {"teacher": t2}, DATA, tmp_path / "data", force=False)
     assert not ran and d2.id == d1.id
     # a forced (or deleted) upstream stage gets a new id, so the stage after it reruns
-    t3, ran = pipeline.run_stage(teacher_st, [], cfg, tmp_path / "teacher", force=True)
+    t3, ran = pipeline.run_stage(teacher_st, {}, cfg, tmp_path / "teacher", force=True)
     assert ran and t3.id != t1.id
-    d3, ran = pipeline.run_stage(data_st, [t3], DATA, tmp_path / "data", force=False)
+    d3, ran = pipeline.run_stage(data_st, {"teacher": t3}, DATA, tmp_path / "data", force=False)
     assert ran and d3.id != d1.id
     # a changed config reruns
-    _, ran = pipeline.run_stage(data_st, [t3], DataConfig(**{**DATA.__dict__, "seed": 1}), tmp_path / "data",
+    _, ran = pipeline.run_stage(data_st, {"teacher": t3}, DataConfig(**{**DATA.__dict__, "seed": 1}), tmp_path / "data",
                                 force=False)
     assert ran
+
+
+def test_inputs_are_named_in_the_stage_order():
+    """A stage gets {input stage: Artifact} in the order it declares, whatever else the caller holds."""
+    st = pipeline.stage("quantize")
+    held = {n: object() for n in ("data", "distill", "prune", "teacher")}
+    got = pipeline.named(st, held)
+    assert type(got) is dict and list(got) == ["teacher", "prune", "data"] and got["prune"] is held["prune"]
+    with pytest.raises(ValueError, match="missing: prune"):
+        pipeline.named(st, {"teacher": held["teacher"], "data": held["data"]})
 
 
 def test_half_written_folder_is_not_taken_as_done(tmp_path):
@@ -57,3 +69,10 @@ def test_every_model_stage_is_benched_scored_and_reported():
     assert pipeline.stage("bench").inputs == pipeline.stage("eval").inputs == pipeline.MODEL_STAGES
     assert set(pipeline.MODEL_STAGES) < set(names) and "baseline" in pipeline.MODEL_STAGES
     assert list(pipeline.stage("report").inputs) == names[:-1]  # the report reads every other artifact
+
+
+def test_the_stage_table_gives_commands_and_labels():
+    """Every stage but the teacher and data runs alone from a command; exactly the model stages carry a label."""
+    assert [s.name for s in pipeline.STAGES if not s.command] == ["teacher", "data"]
+    assert tuple(s.name for s in pipeline.STAGES if s.label) == pipeline.MODEL_STAGES
+    assert pipeline.stage("teacher").module == "pistill.teacher"

@@ -189,7 +189,7 @@ def test_unsupported_architecture_fails_before_loading(tmp_path, tiny_data):
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))  # no weights at all
     teacher = Artifact(tmp_path / "gpt2", {"stage": "teacher", "id": "x", "model": {"format": "hf", "file": "."}})
     with pytest.raises(ValueError, match="supported: llama, mistral, qwen2"):
-        run([teacher, tiny_data], PruneConfig(), tmp_path / "prune")
+        run({"teacher": teacher, "data": tiny_data}, PruneConfig(), tmp_path / "prune")
     assert not (tmp_path / "prune").exists()
 
 
@@ -197,7 +197,7 @@ def test_run_writes_a_standard_hf_artifact(tiny_teacher, tiny_data, tmp_path, ca
     from pistill.compress.prune import run
 
     capfd.readouterr()
-    art = run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path / "prune")
+    art = run({"teacher": tiny_teacher, "data": tiny_data}, PruneConfig(calib_blocks=2), tmp_path / "prune")
     assert capfd.readouterr().out == ""  # progress goes to stderr
     assert art.stage == "prune" and art.model == {"format": "hf", "file": "."}
     m = art.metrics
@@ -444,7 +444,8 @@ def test_two_four_pattern_holds(tiny_model, method):
 def test_sparse_run_is_labelled_honestly(tiny_teacher, tiny_data, tmp_path):
     from pistill.compress.prune import run
 
-    art = run([tiny_teacher, tiny_data], PruneConfig(ffn_ratio=1.0, nm="2:4", calib_blocks=2), tmp_path / "p")
+    art = run({"teacher": tiny_teacher, "data": tiny_data}, PruneConfig(ffn_ratio=1.0, nm="2:4", calib_blocks=2),
+              tmp_path / "p")
     m = art.metrics
     assert m["structured"] is False and m["sparsity"] == 0.5 and m["params"] == tiny_teacher.metrics["params"]
     assert "same file size" in art.manifest["sparsity_note"]
@@ -457,13 +458,13 @@ def test_sparse_run_is_labelled_honestly(tiny_teacher, tiny_data, tmp_path):
 def real_teacher(tmp_path_factory):
     """The offline default teacher and a small data artifact (corpus only, 128-token blocks)."""
     from pistill.data import DataConfig
-    from pistill.models import TeacherConfig
+    from pistill.teacher import TeacherConfig
     from pistill.pipeline import run_stage, stage
 
     tmp = tmp_path_factory.mktemp("real")
-    teacher, _ = run_stage(stage("teacher"), [], TeacherConfig(), tmp / "teacher", force=False)
+    teacher, _ = run_stage(stage("teacher"), {}, TeacherConfig(), tmp / "teacher", force=False)
     cfg = DataConfig(generate=0, block_size=128, calib_blocks=4, train_blocks=1, heldout_blocks=4, topk=8)
-    data, _ = run_stage(stage("data"), [teacher], cfg, tmp / "data", force=False)
+    data, _ = run_stage(stage("data"), {"teacher": teacher}, cfg, tmp / "data", force=False)
     return teacher, data
 
 

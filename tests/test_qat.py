@@ -137,7 +137,8 @@ def pruned(tiny_teacher, tiny_data, tmp_path_factory):
     from pistill.compress.prune import PruneConfig
     from pistill.compress.prune import run as prune_run
 
-    return prune_run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path_factory.mktemp("p") / "prune")
+    return prune_run({"teacher": tiny_teacher, "data": tiny_data}, PruneConfig(calib_blocks=2),
+                     tmp_path_factory.mktemp("p") / "prune")
 
 
 def qat_student(layout: str, tiny_teacher, pruned, tiny_data, out):
@@ -145,7 +146,7 @@ def qat_student(layout: str, tiny_teacher, pruned, tiny_data, out):
 
     cfg = distill.DistillConfig(steps=4, lr=3e-3, warmup_steps=1, eval_every=0, ckpt_every=0, qat=layout,
                                 qat_start=0.5)
-    return distill.run([tiny_teacher, pruned, tiny_data], cfg, out)
+    return distill.run({"quantize": tiny_teacher, "prune": pruned, "data": tiny_data}, cfg, out)
 
 
 def decoder_weights(folder) -> dict[str, np.ndarray]:
@@ -169,7 +170,7 @@ def test_a_q4_0_qat_student_is_stored_exactly_by_the_gguf_stage(tiny_teacher, pr
     saved = decoder_weights(student.model_path())
     for w in saved.values():
         assert np.array_equal(fake_q4_0(torch.from_numpy(w)).numpy(), w)  # baked
-    art = gguf_run([student, tiny_data], GGUFConfig(quants=("Q4_0",), threads=1), tmp_path / "gguf")
+    art = gguf_run({"distill": student, "data": tiny_data}, GGUFConfig(quants=("Q4_0",), threads=1), tmp_path / "gguf")
     config = json.loads((student.model_path() / "config.json").read_text())
     stored = {t.name: t for t in gguf.GGUFReader(art.path / "model-Q4_0.gguf").tensors}
     for name, w in saved.items():

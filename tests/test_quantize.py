@@ -18,7 +18,8 @@ torch.set_num_threads(1)
 def pruned(tiny_teacher, tiny_data, tmp_path_factory):
     from pistill.compress.prune import PruneConfig, run
 
-    return run([tiny_teacher, tiny_data], PruneConfig(calib_blocks=2), tmp_path_factory.mktemp("q") / "prune")
+    return run({"teacher": tiny_teacher, "data": tiny_data}, PruneConfig(calib_blocks=2),
+               tmp_path_factory.mktemp("q") / "prune")
 
 
 @pytest.mark.parametrize("cfg", [QuantizeConfig(), QuantizeConfig(method="int8", source="pruned"),
@@ -61,7 +62,8 @@ def test_quantized_tiny_model_runs_on_cpu(tiny_model, method):
 def test_run_saves_a_teacher_that_reloads(tiny_teacher, pruned, tiny_data, tmp_path, method):
     from pistill.compress.quantize import run
 
-    art = run([tiny_teacher, pruned, tiny_data], QuantizeConfig(method=method, bench_blocks=1), tmp_path / "q")
+    art = run({"teacher": tiny_teacher, "prune": pruned, "data": tiny_data},
+              QuantizeConfig(method=method, bench_blocks=1), tmp_path / "q")
     m = art.metrics
     for key in ("params", "bytes", "memory_footprint", "forward_tps", "ppl", "agreement", "kl", "ppl_delta",
                 "source_ppl", "source_memory_footprint", "source_forward_tps"):
@@ -81,7 +83,8 @@ def test_run_saves_a_teacher_that_reloads(tiny_teacher, pruned, tiny_data, tmp_p
 def test_source_pruned_quantizes_the_pruned_model(tiny_teacher, pruned, tiny_data, tmp_path):
     from pistill.compress.quantize import run
 
-    art = run([tiny_teacher, pruned, tiny_data], QuantizeConfig(source="pruned", bench_blocks=1), tmp_path / "q")
+    art = run({"teacher": tiny_teacher, "prune": pruned, "data": tiny_data},
+              QuantizeConfig(source="pruned", bench_blocks=1), tmp_path / "q")
     assert json.loads((art.model_path() / "config.json").read_text())["intermediate_size"] == 64
     assert art.metrics["params"] == pruned.metrics["params"]
 

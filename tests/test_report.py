@@ -10,6 +10,7 @@ import pytest
 
 from pistill.artifact import ArtifactWriter, config_dict
 from pistill.report import MISSING, ReportConfig, build_rows, cell, markdown_table, model_label, run, teacher_metrics
+from tiny import named
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def test_labels():
 
 
 def test_report_md_and_json(pipeline, tmp_path):
-    art = run(pipeline, ReportConfig(formats=["md", "json"]), tmp_path / "report")  # html: test_report_html.py
+    art = run(named(pipeline), ReportConfig(formats=["md", "json"]), tmp_path / "report")  # html: test_report_html.py
     report, md = json.loads(art.file("report.json").read_text()), art.file("report.md").read_text()
     assert report["schema_version"] == 3
     assert [r["name"] for r in report["rows"]] == ["teacher", "teacher GGUF Q4_K_M", "teacher GGUF Q8_0", "pruned",
@@ -196,7 +197,7 @@ def test_report_md_and_json(pipeline, tmp_path):
 def test_report_without_bench_or_data(pipeline, tmp_path):
     """A partial pipeline still reports: no data, bench or eval -> no teacher ppl, speeds or accuracy, no crash."""
     partial = [a for a in pipeline if a.stage not in ("data", "bench", "onnx", "eval")]
-    art = run(partial, ReportConfig(formats=["md"]), tmp_path / "report")
+    art = run(named(partial), ReportConfig(formats=["md"]), tmp_path / "report")
     assert not art.file("report.json").exists()
     md = art.file("report.md").read_text()
     assert "| teacher | 1.5M | 6.0 | – | 100.0 | 0.000 | – | – | – | – | – |" in md and "ONNX" not in md

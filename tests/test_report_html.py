@@ -12,6 +12,7 @@ import pytest
 
 from pistill.report import ReportConfig, device_report, device_row, history, report_data, run, snapshot
 from test_report import pipeline, write_artifact  # noqa: F401 (fixture)
+from tiny import named
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PI5_FACTS = {"board": "Raspberry Pi 5 Model B Rev 1.0", "cpu": "Cortex-A76", "machine": "aarch64", "bits": 64,
@@ -52,7 +53,7 @@ def fleet_run(pipeline, tmp_path_factory):  # noqa: F811 (fixture)
 
 
 def test_device_rows_and_speedup(fleet_run, tmp_path):
-    report = report_data(fleet_run)
+    report = report_data(named(fleet_run))
     pi5, pi4, pi3 = report["devices"]
     assert [d["target"] for d in report["devices"]] == list(DEVICES)
     teacher, student = pi5["rows"]
@@ -73,7 +74,7 @@ def test_device_speedup_is_against_the_teacher_file_of_the_same_type(fleet_run):
     model (converted on the device to Q4_K_M) too; the teacher converted to Q4_K_M is only the fallback."""
     results = {**DEVICES["pi@pi5.local"]["results"], "baseline": agent_result(20.0, 60.0),
                "baseline:Q8_0": agent_result(12.0, 40.0), "prune": agent_result(30.0, 100.0, "as GGUF Q4_K_M")}
-    report = report_data(fleet_run)
+    report = report_data(named(fleet_run))
     labels = {r["key"]: r["name"] for r in report["rows"]}
     kinds = {"gguf": "Q4_K_M", "baseline": "Q4_K_M", "baseline:Q8_0": "Q8_0"}
     rows = {r["key"]: r for r in device_report("pi5", {"results": results}, labels, kinds)["rows"]}
@@ -83,7 +84,7 @@ def test_device_speedup_is_against_the_teacher_file_of_the_same_type(fleet_run):
 
 
 def test_markdown_devices_section(fleet_run, tmp_path):
-    md = run(fleet_run, ReportConfig(formats=["md"]), tmp_path / "report").file("report.md").read_text()
+    md = run(named(fleet_run), ReportConfig(formats=["md"]), tmp_path / "report").file("report.md").read_text()
     assert "## Devices" in md and "### pi@pi5.local" in md and "Raspberry Pi 5 Model B Rev 1.0, Cortex-A76" in md
     assert "| teacher (as GGUF Q4_K_M) | 4 | 50.0 | 10.0 | – |" in md
     assert "| student GGUF Q4_K_M | 4 | 200.0 | 40.0 | 4.00 | 50 | 25.0 | 30.0 | 32.5 | 90 | 42 | 55 |" in md
@@ -93,16 +94,16 @@ def test_markdown_devices_section(fleet_run, tmp_path):
 
 def test_history_across_reruns_and_sibling_runs(pipeline, tmp_path):  # noqa: F811 (fixture)
     runs = tmp_path / "runs"
-    first = run(pipeline, ReportConfig(formats=["json"]), runs / "a" / "report")
+    first = run(named(pipeline), ReportConfig(formats=["json"]), runs / "a" / "report")
     assert len(json.loads(first.file("report.json").read_text())["history"]) == 1
-    run(pipeline, ReportConfig(formats=["json"]), runs / "b" / "report")  # a sibling run folder
-    again = run(pipeline, ReportConfig(formats=["json"]), runs / "a" / "report")  # a rerun of a
+    run(named(pipeline), ReportConfig(formats=["json"]), runs / "b" / "report")  # a sibling run folder
+    again = run(named(pipeline), ReportConfig(formats=["json"]), runs / "a" / "report")  # a rerun of a
     hist = json.loads(again.file("report.json").read_text())["history"]
     assert [h["run"] for h in hist].count("a") == 2 and [h["run"] for h in hist].count("b") == 1
     assert hist == sorted(hist, key=lambda h: h["created"])
     assert hist[-1]["rows"][6] == {"key": "gguf", "stage": "gguf", "name": "student GGUF Q4_K_M", "bytes": 800_000,
                                    "ppl": 28.4, "decode_tps": 80.0, "prefill_tps": 400.0}
-    off = run(pipeline, ReportConfig(formats=["json"], history=False), runs / "c" / "report")
+    off = run(named(pipeline), ReportConfig(formats=["json"], history=False), runs / "c" / "report")
     assert json.loads(off.file("report.json").read_text())["history"] == []
 
 
@@ -116,8 +117,8 @@ def test_history_dedupes_snapshots(tmp_path):
 @pytest.fixture(scope="module")
 def html_report(fleet_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("html") / "run" / "report"
-    run(fleet_run, ReportConfig(), out)
-    return run(fleet_run, ReportConfig(), out)  # a rerun: two history points to chart
+    run(named(fleet_run), ReportConfig(), out)
+    return run(named(fleet_run), ReportConfig(), out)  # a rerun: two history points to chart
 
 
 def test_html_is_one_self_contained_file(html_report):
@@ -144,7 +145,7 @@ def test_html_is_one_self_contained_file(html_report):
 def test_html_escapes_what_it_shows(fleet_run, tmp_path):
     from pistill.report_html import render_html
 
-    report = report_data(fleet_run)
+    report = report_data(named(fleet_run))
     report["devices"][2]["error"] = "<img src=x onerror=alert(1)>"
     report["rows"] = report["rows"][:1]  # fewer charts to draw
     page = render_html(report)

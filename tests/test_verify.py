@@ -8,9 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
+from pistill import hf_folder
+from pistill.evaluate import log_softmax
 from pistill.export import verify
-from pistill.export.verify import (MAX_PPL_DELTA, MIN_AGREEMENT, Parity, TorchLM, VerificationError,
-                                   check_uniform_layers, check_unquantized, generation_parity, kl_div, log_softmax)
+from pistill.export.verify import (MAX_PPL_DELTA, MIN_AGREEMENT, Parity, TorchLM, VerificationError, check_unquantized,
+                                   generation_parity, kl_div)
+from pistill.hf_folder import check_uniform_layers
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +55,7 @@ def reshaped(src, dst, layer: int = 1, ffn: int = 96, config: dict | None = None
 
 def test_uniform_layers_pass(tiny_model):
     check_uniform_layers(tiny_model, json.loads((tiny_model / "config.json").read_text()))
-    assert set(verify.layer_shapes(tiny_model)) == {0, 1}
+    assert set(hf_folder.layer_shapes(tiny_model)) == {0, 1}
 
 
 @pytest.mark.parametrize("ffn, config, match", [

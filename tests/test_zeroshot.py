@@ -12,7 +12,7 @@ import pytest
 from pistill.artifact import ArtifactWriter, config_dict
 from pistill.mc_eval import read_items
 from pistill.zeroshot import SHIPPED, TASKS_DIR, EvalConfig, read_eval, run, task
-from tiny import FakeConfig, model_artifact
+from tiny import FakeConfig, model_artifact, named
 
 ROWS = [
     {"query": "Question: Which returns a copy of the list?", "choices": ["list.copy()", "list.clear()"], "gold": 0},
@@ -61,13 +61,24 @@ def test_shipped_tasks_have_500_items_and_a_licence(name):
     assert f"`{name}.jsonl`" in readme and "CC BY-SA 4.0" in readme and "Academic Free License 3.0" in readme
 
 
-def test_package_data_ships_the_tasks():
-    import tomllib
+def test_package_data_ships_the_tasks(tmp_path):
+    """A built wheel (not only the editable install) holds the shipped task files and their licences."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
     from pathlib import Path
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    data = pyproject["tool"]["setuptools"]["package-data"]["pistill"]
-    assert "tasks/*.jsonl" in data and "tasks/README.md" in data
+    root, src = Path(__file__).resolve().parents[1], tmp_path / "src"  # a copy: setuptools writes build/ beside it
+    for folder in ("pistill", "compress", "export", "device"):
+        shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+                    "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
+    names = zipfile.ZipFile(next(tmp_path.glob("pistill-*.whl"))).namelist()
+    assert {"pistill/tasks/arc_easy.jsonl", "pistill/tasks/piqa.jsonl", "pistill/tasks/README.md",
+            "pistill/prompts.txt"} <= set(names)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +116,7 @@ def test_run_scores_every_model_and_records_the_rest(models, tmp_path):
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     cfg = EvalConfig(tasks=[str(path), "piqa"], items=3, threads=2)
-    art = run(models, cfg, tmp_path / "eval")
+    art = run(named(models), cfg, tmp_path / "eval")
     doc = read_eval(art)
     assert doc["schema_version"] == 1 and list(doc["tasks"]) == ["mc", "piqa"]
     assert doc["tasks"]["mc"]["n"] == 3 and doc["tasks"]["mc"]["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
@@ -126,8 +137,8 @@ def test_run_scores_every_model_and_records_the_rest(models, tmp_path):
     for key in ("gguf", "onnx"):
         assert {k: res[key]["tasks"]["mc"][k] for k in same} == {k: res["teacher"]["tasks"]["mc"][k] for k in same}
     assert art.metrics["onnx"] == {n: r["acc_norm"] for n, r in res["onnx"]["tasks"].items()}
-    again = run(models, dataclasses.replace(cfg, skip=["teacher", "onnx", "baseline:X"], tasks=["piqa"], items=2),
-                tmp_path / "eval2")
+    fewer = dataclasses.replace(cfg, skip=["teacher", "onnx", "baseline:X"], tasks=["piqa"], items=2)
+    again = run(named(models), fewer, tmp_path / "eval2")
     skipped = read_eval(again)["models"]
     assert skipped["teacher"] == {"skipped": "listed in [eval] skip"} and "tasks" in skipped["baseline"]
 

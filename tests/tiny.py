@@ -78,3 +78,8 @@ def model_artifact(root: Path, stage: str, fmt: str, fill):
     with ArtifactWriter(root / stage, stage, FakeConfig(), []) as w:
         w.model = {"format": fmt, "file": fill(w.dir)}
     return w.artifact
+
+
+def named(artifacts) -> dict:
+    """Artifacts of distinct stages as a stage's inputs: {stage: artifact}, in the order given."""
+    return {a.stage: a for a in artifacts}
