@@ -145,9 +145,15 @@ def speeds(rows: list[dict], bench_cfg, rounds: int) -> None:
 
 
 def compare(row: dict, ref: dict) -> dict:
-    """Speed-up and retained accuracy above chance against the teacher's file of the same type."""
-    keep = [(row[f"{t}_acc_norm"] - chance) / (ref[f"{t}_acc_norm"] - chance) for t, (_, chance) in TASKS.items()]
-    return {"speedup": row["decode_tps"] / ref["decode_tps"], "retention": sum(keep) / len(keep)}
+    """Speed-up and retained accuracy above chance (the report's figure) against the teacher's file of the same
+    type."""
+    from pistill.front import retention
+
+    def scored(r: dict) -> dict:  # a row in the report's shape
+        return {"zeroshot": {t: {"acc_norm": r[f"{t}_acc_norm"]} for t in TASKS}}
+
+    return {"speedup": row["decode_tps"] / ref["decode_tps"],
+            "retention": retention(scored(row), scored(ref), {t: chance for t, (_, chance) in TASKS.items()})}
 
 
 def table(rows: list[dict]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -237,24 +238,32 @@ def test_gradient_checkpointing_gives_the_same_training(teacher, student_dir):
     assert not distill.grad_checkpointing(DistillConfig(), torch.device("cpu"))
 
 
+@contextlib.contextmanager
+def killed_after(monkeypatch, steps: int):
+    """Inside the block, training step `steps` + 1 raises KeyboardInterrupt (the process is killed there)."""
+    real_step, done = distill._train_step, []
+
+    def step(*args):
+        if len(done) == steps:
+            raise KeyboardInterrupt("killed")
+        done.append(1)
+        return real_step(*args)
+
+    monkeypatch.setattr(distill, "_train_step", step)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(distill, "_train_step", real_step)
+
+
 def test_kill_and_resume_matches_an_uninterrupted_run(teacher, student_dir, tmp_path, monkeypatch):
     cfg = DistillConfig(steps=6, lr=3e-3, warmup_steps=1, grad_accum=2, batch_size=2, eval_every=0, ckpt_every=2)
     data = blocks()
     whole = load(student_dir)
     want = train(whole, teacher, data, data[:2], cfg, tmp_path / "whole")
 
-    real_step, calls = distill._train_step, []
-
-    def killed_after_3(*args):
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        calls.append(1)
-        return real_step(*args)
-
-    monkeypatch.setattr(distill, "_train_step", killed_after_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         train(load(student_dir), teacher, data, data[:2], cfg, tmp_path / "resumed")
-    monkeypatch.setattr(distill, "_train_step", real_step)
     assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["step"] == 2
     resumed = load(student_dir)  # a fresh process: weights come back from the checkpoint
     got = train(resumed, teacher, data, data[:2], cfg, tmp_path / "resumed")
@@ -278,18 +287,8 @@ def test_kill_and_resume_with_qat_matches_an_uninterrupted_run(teacher, student_
     whole = load(student_dir)
     want = train(whole, teacher, data, data[:2], cfg, tmp_path / "whole")
     assert want["qat"] == "q4_0" and want["qat_from_step"] == 3
-    real_step, calls = distill._train_step, []
-
-    def killed_in_step_6(*args):
-        if len(calls) == 5:
-            raise KeyboardInterrupt("killed")
-        calls.append(1)
-        return real_step(*args)
-
-    monkeypatch.setattr(distill, "_train_step", killed_in_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, 5), pytest.raises(KeyboardInterrupt):  # killed in step 6
         train(load(student_dir), teacher, data, data[:2], cfg, tmp_path / "resumed")
-    monkeypatch.setattr(distill, "_train_step", real_step)
     assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["step"] == 4
     resumed = load(student_dir)
     got = train(resumed, teacher, data, data[:2], cfg, tmp_path / "resumed")
@@ -414,18 +413,9 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_teacher, tiny_data, tmp_pat
     pruned = prune_run({"teacher": tiny_teacher, "data": tiny_data}, PruneConfig(calib_blocks=2), tmp_path / "prune")
     cfg = DistillConfig(steps=4, warmup_steps=1, eval_every=0, ckpt_every=2)
     inputs, out = {"quantize": tiny_teacher, "prune": pruned, "data": tiny_data}, tmp_path / "distill"
-    real_step = distill._train_step
-
-    def killed_at_step_3(student, teacher, blocks, step, *rest):
-        if step == 2:
-            raise KeyboardInterrupt("killed")
-        return real_step(student, teacher, blocks, step, *rest)
-
-    monkeypatch.setattr(distill, "_train_step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, 2), pytest.raises(KeyboardInterrupt):  # killed in step 3
         distill.run(inputs, cfg, out)
     assert not out.exists() and (distill.checkpoint_dir(out) / CHECKPOINT).is_file()
-    monkeypatch.setattr(distill, "_train_step", real_step)
     art = distill.run(inputs, cfg, out)
     rows = [json.loads(r) for r in (art.path / TRAIN_LOG).read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and art.metrics["steps"] == 4

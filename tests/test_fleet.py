@@ -50,16 +50,23 @@ def onnx_student(tiny_model, tmp_path_factory):
                           lambda d: onnx.export(tiny_model, d / "model", onnx.ONNXConfig()).name)
 
 
+def trusted(*devices, tmp_path, monkeypatch) -> tuple:
+    """The devices, reachable with their client keys and trusted, through this test's ~/.ssh/config and
+    known_hosts."""
+    config = tmp_path / "ssh_config"
+    config.write_text("Host *\n" + "".join(f"  IdentityFile {d.client_key}\n" for d in devices))
+    known = tmp_path / "known_hosts"
+    known.write_text("".join(d.known_hosts.read_text() for d in devices))
+    monkeypatch.setattr(T, "USER_SSH_CONFIG", config)
+    monkeypatch.setattr(T, "USER_KNOWN_HOSTS", known)
+    return devices
+
+
 @pytest.fixture
 def lab(sshd_factory, tmp_path, monkeypatch):
     """Two devices, `up` running and `down` not; ~/.ssh/config and known_hosts point at their keys."""
-    up, down = sshd_factory("up"), sshd_factory("down", run=False)
-    config = tmp_path / "ssh_config"
-    config.write_text(f"Host *\n  IdentityFile {up.client_key}\n  IdentityFile {down.client_key}\n")
-    known = tmp_path / "known_hosts"
-    known.write_text(up.known_hosts.read_text() + down.known_hosts.read_text())
-    monkeypatch.setattr(T, "USER_SSH_CONFIG", config)
-    monkeypatch.setattr(T, "USER_KNOWN_HOSTS", known)
+    up, down = trusted(sshd_factory("up"), sshd_factory("down", run=False), tmp_path=tmp_path,
+                       monkeypatch=monkeypatch)
     monkeypatch.setenv("PISTILL_CACHE", str(tmp_path / "local-cache"))  # HF -> GGUF conversions
     return up, down
 
@@ -201,14 +208,8 @@ def ggufs(tiny_model, tmp_path_factory):
 
 def pair(sshd_factory, tmp_path, monkeypatch, env_b: dict | None = None):
     """Two devices with their own `~` (SFTP home), trusted and reachable through ~/.ssh/config."""
-    a, b = sshd_factory("a", own_home=True), sshd_factory("b", env=env_b, own_home=True)
-    config = tmp_path / "ssh_config"
-    config.write_text(f"Host *\n  IdentityFile {a.client_key}\n  IdentityFile {b.client_key}\n")
-    known = tmp_path / "known_hosts"
-    known.write_text(a.known_hosts.read_text() + b.known_hosts.read_text())
-    monkeypatch.setattr(T, "USER_SSH_CONFIG", config)
-    monkeypatch.setattr(T, "USER_KNOWN_HOSTS", known)
-    return a, b
+    return trusted(sshd_factory("a", own_home=True), sshd_factory("b", env=env_b, own_home=True),
+                   tmp_path=tmp_path, monkeypatch=monkeypatch)
 
 
 def agents_on(device) -> list[int]:
@@ -335,18 +336,11 @@ def test_local_file_changed_after_its_stage_is_not_sent(models, tmp_path):
 
 def test_a_job_for_every_model_of_an_artifact(tiny_model, tmp_path):
     """The baseline artifact holds two GGUF files: one job each, keyed as bench.json keys them."""
-    from pistill.artifact import ArtifactWriter
-    from pistill.export.gguf import write_gguf
-    from tiny import FakeConfig
+    from tiny import gguf_baseline
 
-    with ArtifactWriter(tmp_path / "baseline", "baseline", FakeConfig(), []) as w:
-        for name in ("teacher-Q4_0.gguf", "teacher-Q8_0.gguf"):
-            write_gguf(tiny_model, w.dir / name, "f32")
-        w.model = {"format": "gguf", "file": "teacher-Q4_0.gguf"}
-        w.models = [{"key": "baseline", "format": "gguf", "file": "teacher-Q4_0.gguf", "quant": "Q4_0"},
-                    {"key": "baseline:Q8_0", "format": "gguf", "file": "teacher-Q8_0.gguf", "quant": "Q8_0"}]
-    jobs = fleet.make_jobs([w.artifact], BenchConfig())
+    art = gguf_baseline(tmp_path, tiny_model, {"baseline": ("teacher-Q4_0.gguf", "Q4_0"),
+                                               "baseline:Q8_0": ("teacher-Q8_0.gguf", "Q8_0")})
+    jobs = fleet.make_jobs([art], BenchConfig())
     assert list(jobs) == ["baseline", "baseline:Q8_0"]
     assert [j.model for j in jobs.values()] == ["teacher-Q4_0.gguf", "teacher-Q8_0.gguf"]
-    assert jobs["baseline:Q8_0"].sha256s["teacher-Q8_0.gguf"] == w.artifact.manifest["files"]["teacher-Q8_0.gguf"][
-        "sha256"]
+    assert jobs["baseline:Q8_0"].sha256s["teacher-Q8_0.gguf"] == art.manifest["files"]["teacher-Q8_0.gguf"]["sha256"]

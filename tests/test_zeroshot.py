@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 
-from pistill.artifact import ArtifactWriter, config_dict
+from pistill.artifact import config_dict
 from pistill.mc_eval import read_items
 from pistill.zeroshot import SHIPPED, TASKS_DIR, EvalConfig, read_eval, run, task
-from tiny import FakeConfig, model_artifact, named
+from tiny import gguf_baseline, model_artifact, named
 
 ROWS = [
     {"query": "Question: Which returns a copy of the list?", "choices": ["list.copy()", "list.clear()"], "gold": 0},
@@ -91,12 +91,8 @@ def models(tiny_model, tiny_teacher, tmp_path_factory):
     gguf = model_artifact(root, "gguf", "gguf", lambda d: write_gguf(tiny_model, d / "m.gguf", "f32").name)
     onnx_art = model_artifact(root, "onnx", "onnx",
                               lambda d: onnx.export(tiny_model, d / "model", onnx.ONNXConfig(precision="fp32")).name)
-    with ArtifactWriter(root / "baseline", "baseline", FakeConfig(), []) as w:
-        for name in ("a.gguf", "b.gguf"):
-            write_gguf(tiny_model, w.dir / name, "f16")
-        w.model = {"format": "gguf", "file": "a.gguf"}
-        w.models = [{"key": "baseline", "format": "gguf", "file": "a.gguf", "quant": "F16"},
-                    {"key": "baseline:X", "format": "gguf", "file": "b.gguf", "quant": "F16"}]
+    baseline = gguf_baseline(root, tiny_model, {"baseline": ("a.gguf", "F16"), "baseline:X": ("b.gguf", "F16")},
+                             "f16")
 
     def bnb(d):
         shutil.copytree(tiny_model, d, dirs_exist_ok=True)
@@ -109,7 +105,7 @@ def models(tiny_model, tiny_teacher, tmp_path_factory):
         return "m.gguf"
 
     return [tiny_teacher, model_artifact(root, "quantize", "hf", bnb), model_artifact(root, "distill", "gguf", broken),
-            gguf, onnx_art, w.artifact]
+            gguf, onnx_art, baseline]
 
 
 def test_run_scores_every_model_and_records_the_rest(models, tmp_path):

@@ -80,6 +80,21 @@ def model_artifact(root: Path, stage: str, fmt: str, fill):
     return w.artifact
 
 
+def gguf_baseline(root: Path, model: Path, files: dict[str, tuple[str, str]], outtype: str = "f32"):
+    """A baseline artifact holding one GGUF of `model` per entry of `files` ({model key: (file name, quant label)},
+    the first entry its main model), as the baseline stage lays them out; returns the Artifact."""
+    from pistill.artifact import ArtifactWriter
+    from pistill.export.gguf import write_gguf
+
+    with ArtifactWriter(root / "baseline", "baseline", FakeConfig(), []) as w:
+        for name, _ in files.values():
+            write_gguf(model, w.dir / name, outtype)
+        w.models = [{"key": key, "format": "gguf", "file": name, "quant": quant}
+                    for key, (name, quant) in files.items()]
+        w.model = {"format": "gguf", "file": w.models[0]["file"]}
+    return w.artifact
+
+
 def named(artifacts) -> dict:
     """Artifacts of distinct stages as a stage's inputs: {stage: artifact}, in the order given."""
     return {a.stage: a for a in artifacts}
