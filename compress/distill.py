@@ -21,6 +21,8 @@ from pistill.artifact import Artifact, ArtifactWriter, config_dict, input_key
 from pistill.errors import InputError, UserError
 from pistill.rundir import clean_stale, make_dir
 
+from .losses import SOFT_LOSSES, distill_loss
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
@@ -30,98 +32,6 @@ _STATE_KEYS = ("step", "key", "model", "optimizer", "scheduler", "rng", "cuda_rn
 
 class DivergedError(UserError, RuntimeError):
     """The training loss turned NaN or infinite; nothing was saved after the last finite checkpoint."""
-
-
-# --- losses: pure functions ---------------------------------------------------------------------------------------
-
-def forward_kl(student_logits, teacher_logits, temperature: float = 1.0):
-    """KL(p_teacher || p_student) of temperature-softened distributions, times T^2, mean over positions.
-
-    Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531), Sec. 2:
-    q_i = exp(z_i / T) / sum_j exp(z_j / T); the soft-target gradients scale as 1/T^2, so the loss is multiplied
-    by T^2 to keep its weight against the hard loss when T changes. logits: (..., V) -> scalar.
-    """
-    import torch.nn.functional as F
-
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # (...,)
-    return kl.mean() * temperature**2
-
-
-def reverse_kl(student_logits, teacher_logits, temperature: float = 1.0):
-    """KL(p_student || p_teacher) of temperature-softened distributions, times T^2, mean over positions.
-
-    Mode-seeking: the student is not pushed to cover teacher modes it cannot represent. Gu et al. 2023, "MiniLLM"
-    (arXiv:2306.08543), Eq. 1; Agarwal et al. 2024, "On-Policy Distillation of Language Models" (GKD,
-    arXiv:2306.13649), Sec. 2. logits: (..., V) -> scalar.
-    """
-    import torch.nn.functional as F
-
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)  # sum q (log q - log p)
-    return kl.mean() * temperature**2
-
-
-def generalized_jsd(student_logits, teacher_logits, beta: float = 0.5, temperature: float = 1.0):
-    """Generalized Jensen-Shannon divergence JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), with the mixture
-    m = beta p + (1 - beta) q, p the teacher and q the student, times T^2, mean over positions.
-
-    Agarwal et al. 2024, GKD (arXiv:2306.13649), Sec. 3 (as trl's `generalized_jsd_loss`). JSD(beta) / beta tends
-    to KL(p || q) as beta -> 0 and JSD(beta) / (1 - beta) to KL(q || p) as beta -> 1, so the two ends are defined
-    as those limits: beta = 0 is `forward_kl`, beta = 1 is `reverse_kl`. logits: (..., V) -> scalar.
-    """
-    import math
-
-    import torch
-    import torch.nn.functional as F
-
-    if beta == 0.0:
-        return forward_kl(student_logits, teacher_logits, temperature)
-    if beta == 1.0:
-        return reverse_kl(student_logits, teacher_logits, temperature)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
-    kl_pm = F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)  # KL(p || m)
-    kl_qm = F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)  # KL(q || m)
-    return (beta * kl_pm + (1 - beta) * kl_qm).mean() * temperature**2
-
-
-SOFT_LOSSES = {  # DistillConfig.loss -> fn(student_logits, teacher_logits, temperature, beta) -> scalar
-    "forward_kl": lambda s, t, temperature, beta: forward_kl(s, t, temperature),
-    "reverse_kl": lambda s, t, temperature, beta: reverse_kl(s, t, temperature),
-    "jsd": lambda s, t, temperature, beta: generalized_jsd(s, t, beta, temperature),
-}
-
-
-def hard_ce(logits, labels):
-    """Cross-entropy with the true next tokens (Hinton et al. 2015's "hard targets"): (..., V), (...) -> scalar.
-
-    Labels equal to -100 are ignored.
-    """
-    import torch.nn.functional as F
-
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
-
-
-def distill_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float,
-                 loss: str = "forward_kl", beta: float = 0.5, topk_ids=None):
-    """alpha * hard_ce + (1 - alpha) * soft loss (`SOFT_LOSSES[loss]`): Hinton et al. 2015's weighted average of the
-    two objectives.
-
-    Minitron (Muralidharan et al. 2024, arXiv:2407.14679) finds the logit KL alone (alpha = 0) works best.
-    With `topk_ids` (..., K), `teacher_logits` are the teacher's top-K log-probs (..., K) and the soft loss compares
-    both models renormalised over those K tokens (the student's logits gathered there; log-probs work as logits).
-    """
-    total = 0.0
-    if alpha > 0:
-        total = alpha * hard_ce(student_logits, labels)
-    if alpha < 1:
-        soft = student_logits if topk_ids is None else student_logits.gather(-1, topk_ids)  # (..., K)
-        total = total + (1 - alpha) * SOFT_LOSSES[loss](soft, teacher_logits, temperature, beta)
-    return total
 
 
 # --- config and schedule ------------------------------------------------------------------------------------------
@@ -608,9 +518,39 @@ def training_blocks(data: Artifact, vocab_size: int) -> tuple[np.ndarray, np.nda
     return blocks, heldout
 
 
+def check_inputs(t_dir: Path, s_dir: Path, data: Artifact) -> tuple[np.ndarray, np.ndarray]:
+    """Every check before a weight loads (the student's architecture, one vocabulary, the data's token ids); the
+    train and held-out blocks."""
+    from pistill.models import check_architecture, read_config
+
+    s_cfg = read_config(s_dir)
+    check_architecture(s_cfg, str(s_dir))
+    check_tokenizers(t_dir, s_dir)
+    return training_blocks(data, s_cfg["vocab_size"])
+
+
 def checkpoint_dir(out: Path) -> Path:
     """Where checkpoints live: beside the artifact, outside its temporary folder, so a killed run resumes."""
     return out.parent / f".{out.name}.ckpt"
+
+
+def distil(teacher, s_dir: Path, device: str, blocks: np.ndarray, heldout: np.ndarray, cfg: DistillConfig,
+           work: Path, key: str):
+    """The student in `s_dir`, loaded in float32 on `device` and trained against `teacher` (`train`, checkpoints and
+    log in `work`); the student and the run's summary."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32, device_map=device)
+    return student, train(student, teacher, blocks, heldout, cfg, work, key)
+
+
+def save_student(student, s_dir: Path, work: Path, dst: Path) -> None:
+    """The trained student as an HF folder in `dst`: weights, `s_dir`'s tokenizer files, the training log."""
+    from pistill.models import save_model
+
+    save_model(student, s_dir, dst)
+    shutil.copy2(work / TRAIN_LOG, dst / TRAIN_LOG)
 
 
 def run(inputs: Mapping[str, Artifact], cfg: DistillConfig, out: Path) -> Artifact:
@@ -619,8 +559,7 @@ def run(inputs: Mapping[str, Artifact], cfg: DistillConfig, out: Path) -> Artifa
     import torch
 
     from pistill.evaluate import evaluate_torch
-    from pistill.models import (check_architecture, count_params, load_model, materialize, read_config, save_model,
-                                torch_device, weight_bytes)
+    from pistill.models import count_params, materialize, read_config, torch_device, weight_bytes
 
     from .quantize import load_teacher
 
@@ -630,21 +569,19 @@ def run(inputs: Mapping[str, Artifact], cfg: DistillConfig, out: Path) -> Artifa
     data = inputs["data"]
     t_dir = inputs["quantize"].model_path()
     s_dir = materialize(cfg.student, "student", "[distill] student") if cfg.student else inputs["prune"].model_path()
-    s_cfg = read_config(s_dir)
-    check_architecture(s_cfg, str(s_dir))
-    check_tokenizers(t_dir, s_dir)  # before any weight is loaded
-    blocks, heldout = training_blocks(data, s_cfg["vocab_size"])
+    blocks, heldout = check_inputs(t_dir, s_dir, data)
     work = checkpoint_dir(out)
     with ArtifactWriter(out, "distill", cfg, inputs) as w:  # the whole run inside, so wall_s counts training
-        teacher, student = load_teacher(t_dir, torch_device()), load_model(s_dir)
-        summary = train(student, teacher, blocks, heldout, cfg, work, input_key("distill", cfg, inputs))
+        teacher = load_teacher(t_dir, torch_device())
+        student, summary = distil(teacher, s_dir, torch_device(), blocks, heldout, cfg, work,
+                                  input_key("distill", cfg, inputs))
         del teacher
         log.info("distill: %d steps, loss %.4f -> %.4f, %.0f tok/s", summary["steps"], summary["loss_first"],
                  summary["loss_last"], summary["tokens_per_s"])
         w.metrics.update(evaluate_torch(student, data))
+        s_cfg = read_config(s_dir)
         student.to(getattr(torch, s_cfg.get("dtype") or s_cfg.get("torch_dtype") or "float32"))
-        save_model(student, s_dir, w.dir)
-        shutil.copy2(work / TRAIN_LOG, w.dir / TRAIN_LOG)
+        save_student(student, s_dir, work, w.dir)
         w.model = {"format": "hf", "file": "."}
         w.metrics.update(params=count_params(student), bytes=weight_bytes(w.dir), **summary)
         w.extra["student"] = cfg.student or "prune"

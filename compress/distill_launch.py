@@ -94,12 +94,10 @@ def config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from pistill.artifact import Artifact, input_key
     from pistill.compress import distill
     from pistill.compress.quantize import load_teacher
-    from pistill.models import read_config, save_model
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args, dist = parse_args(argv), distill.distributed()
@@ -107,25 +105,22 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {"quantize": Artifact.load(args.teacher), "prune": Artifact.load(args.student),
               "data": Artifact.load(args.data)}  # the distill stage's inputs, by name
     t_dir, s_dir = inputs["quantize"].model_path(), inputs["prune"].model_path()
-    distill.check_tokenizers(t_dir, s_dir)
-    blocks, heldout = distill.training_blocks(inputs["data"], read_config(s_dir)["vocab_size"])
+    blocks, heldout = distill.check_inputs(t_dir, s_dir, inputs["data"])
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     if args.fsdp_teacher and dist is None:
         raise SystemExit("--fsdp-teacher shards the teacher across processes: start several with accelerate launch "
                          "or torchrun")
     teacher = shard_teacher(t_dir, device) if args.fsdp_teacher else load_teacher(t_dir, device)
-    student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32).to(device)
     key = f"{input_key('distill', cfg, inputs)}:world={world}"  # another world size sees other blocks
     work = distill.checkpoint_dir(args.out)
-    summary = distill.train(student, teacher, blocks, heldout, cfg, work, key)
+    student, summary = distill.distil(teacher, s_dir, device, blocks, heldout, cfg, work, key)
     if args.hash_dir:
         rank = dist.process_index if dist else 0
         args.hash_dir.mkdir(parents=True, exist_ok=True)
         (args.hash_dir / f"rank{rank}.sha256").write_text(state_digest(student) + "\n")
     if dist is None or dist.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        save_model(student, s_dir, args.out)
-        shutil.copy2(work / distill.TRAIN_LOG, args.out / distill.TRAIN_LOG)
+        distill.save_student(student, s_dir, work, args.out)
         shutil.rmtree(work, ignore_errors=True)
         log.info("%d processes, %d steps, loss %.4f -> %.4f, %.0f tok/s; student in %s", world, summary["steps"],
                  summary["loss_first"], summary["loss_last"], summary["tokens_per_s"], args.out)

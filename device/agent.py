@@ -11,6 +11,11 @@ afresh (`sweep`); the top-level figures are those of the first count. A memory-c
 the bandwidth that bounds decode: `decode_bw_fraction` = model bytes x decode tok/s / copy bandwidth.
 `load` records the machine's load (load averages, CPU used by other work, the busiest other processes) before,
 during and after the model, and `load.busy` says why the figures were taken on a busy machine (None: quiet).
+
+With `--draft FILE` (llama_cpp only) the model decodes speculatively with that draft (speculative.py beside this
+file): TTFT is both models' prefill, decode tok/s is the same `--gen-tokens` emitted in 1 .. k+1 tokens per
+teacher pass, each token's latency is its share of its step, `load_s` and `peak_rss_mb` cover both models, and a
+`speculative` block adds acceptance, k and the time split between draft and teacher.
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     p.add_argument("--cooldown-s", type=float, default=1.0, help="rest between runs, in seconds")
     p.add_argument("--bandwidth-mb", type=int, default=64, help="memory-copy probe buffer in MB (0: no probe)")
+    p.add_argument("--draft", help="a draft GGUF for speculative decoding of --model (llama_cpp only)")
+    p.add_argument("--draft-k", type=int, default=4, help="draft tokens per teacher pass at the start (adapts 1..8)")
+    p.add_argument("--draft-fixed", action="store_true", help="keep --draft-k fixed instead of adapting it")
     return p.parse_args(argv)
 
 
@@ -97,7 +105,11 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[int]]:
                          + ", ".join(sorted(runtimes.RUNTIMES)))
     if not Path(args.model).exists():
         raise AgentError(f"model not found: {args.model}")
-    for name in ("gen_tokens", "repeats"):
+    if args.draft and args.runtime != "llama_cpp":
+        raise AgentError(f"--draft needs --runtime llama_cpp, not {args.runtime} (speculative decoding runs there)")
+    if args.draft and not Path(args.draft).exists():
+        raise AgentError(f"draft model not found: {args.draft}")
+    for name in ("gen_tokens", "repeats", "draft_k"):
         if getattr(args, name) < 1:
             raise AgentError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     if args.warmup < 0 or args.cooldown_s < 0 or args.bandwidth_mb < 0:
@@ -116,18 +128,35 @@ def synth_prompt(rt, n: int) -> tuple[list[int], str]:
     return [base[i % len(base)] for i in range(n)], source
 
 
-def timed_run(rt, prompts: list[list[int]], gen_tokens: int) -> tuple[list[float], list[float]]:
-    """One run: prefill seconds per prompt, then per-step decode seconds continuing the last prompt."""
+def timed_prefills(rt, prompts: list[list[int]]) -> tuple[list[float], int]:
+    """Prefill seconds per prompt, and the first generated token after the last prompt."""
     prefill_s = []
     for ids in prompts:
         t0 = time.perf_counter()
         token = rt.prefill(ids)  # a fresh cache; returns the first generated token
         prefill_s.append(time.perf_counter() - t0)
+    return prefill_s, token
+
+
+def timed_run(rt, prompts: list[list[int]], gen_tokens: int) -> tuple[list[float], list[float]]:
+    """One run: prefill seconds per prompt, then per-step decode seconds continuing the last prompt."""
+    prefill_s, token = timed_prefills(rt, prompts)
     decode_s = []
     for _ in range(gen_tokens):
         t0 = time.perf_counter()
         token = rt.decode(token)
         decode_s.append(time.perf_counter() - t0)
+    return prefill_s, decode_s
+
+
+def timed_spec_run(spec, prompts: list[list[int]], gen_tokens: int) -> tuple[list[float], list[float]]:
+    """`timed_run` with a speculative decoder: each token's decode seconds are its share of its step."""
+    prefill_s, _ = timed_prefills(spec, prompts)
+    decode_s = []
+    while len(decode_s) < gen_tokens:
+        t0 = time.perf_counter()
+        out = spec.step(gen_tokens - len(decode_s))
+        decode_s += [(time.perf_counter() - t0) / len(out)] * len(out)
     return prefill_s, decode_s
 
 
@@ -139,14 +168,18 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def measure(rt, lengths: list[int], args: argparse.Namespace) -> dict:
-    """Warm-up and timed runs; medians over timed runs, decode latency percentiles over every timed step."""
+def measure(rt, lengths: list[int], args: argparse.Namespace, spec=None) -> dict:
+    """Warm-up and timed runs; medians over timed runs, decode latency percentiles over every timed step.
+    `spec`: a speculative.SpeculativeDecoder over `rt`, which then decodes (its statistics: timed runs only)."""
     prompts, source = zip(*(synth_prompt(rt, n) for n in lengths))
     runs = []
     for i in range(args.warmup + args.repeats):
         if i:
             time.sleep(args.cooldown_s)
-        runs.append(timed_run(rt, list(prompts), args.gen_tokens))
+        if spec is not None and i == args.warmup:
+            spec.reset_stats()
+        runs.append(timed_run(rt, list(prompts), args.gen_tokens) if spec is None
+                    else timed_spec_run(spec, list(prompts), args.gen_tokens))
     runs = runs[args.warmup:]
     prefill_s = [statistics.median(r[0][j] for r in runs) for j in range(len(lengths))]
     prefill = [{"prompt_tokens": n, "s": s, "tps": n / s} for n, s in zip(lengths, prefill_s)]
@@ -158,7 +191,7 @@ def measure(rt, lengths: list[int], args: argparse.Namespace) -> dict:
         "decode_context_tokens": lengths[-1],
         "decode_latency_ms": {f"p{q}": 1e3 * percentile(steps, q) for q in (50, 95, 99)},
         "prompt_source": source[0],
-    }
+    } | ({"speculative": spec.stats.summary()} if spec is not None else {})
 
 
 def peak_rss_mb() -> float:
@@ -336,16 +369,47 @@ def host() -> dict:
     }
 
 
-def run_at(args: argparse.Namespace, lengths: list[int], threads: int) -> tuple[dict, str | None]:
-    """Load the model with `threads` threads, time it, close it; returns (figures, runtime version)."""
-    t0 = time.perf_counter()
-    rt = runtimes.get_runtime(args.runtime)(args.model, threads)
-    load_s = time.perf_counter() - t0
+def speculative_module():
     try:
-        figures = measure(rt, lengths, args)
+        from . import speculative
+    except ImportError:  # standalone on the device: speculative.py sits beside this file
+        import speculative
+    return speculative
+
+
+def draft_config(args: argparse.Namespace):
+    """--draft-k and --draft-fixed as a speculative.DraftConfig (adaptive k: from --draft-k within 1 .. 8 or more)."""
+    spec = speculative_module()
+    if args.draft_fixed:
+        return spec.DraftConfig(k=args.draft_k, k_min=args.draft_k, k_max=args.draft_k, adaptive=False)
+    return spec.DraftConfig(k=args.draft_k, k_max=max(spec.DraftConfig.k_max, args.draft_k))
+
+
+def open_decoder(args: argparse.Namespace, rt, draft):
+    """The speculative decoder of `rt` (a llama_cpp runtime) with the `draft` runtime; AgentError when they do not
+    pair (another vocabulary)."""
+    spec = speculative_module()
+    try:
+        return spec.SpeculativeDecoder(rt.llm, draft.llm, draft_config(args))
+    except spec.DraftError as e:
+        raise AgentError(f"--draft {args.draft}: {e}") from None
+
+
+def run_at(args: argparse.Namespace, lengths: list[int], threads: int) -> tuple[dict, str | None]:
+    """Load the model (and the draft) with `threads` threads, time it, close it; returns (figures, runtime
+    version)."""
+    t0 = time.perf_counter()
+    models = [runtimes.get_runtime(args.runtime)(args.model, threads)]
+    try:
+        if args.draft:
+            models.append(runtimes.get_runtime("llama_cpp")(args.draft, threads))
+        spec = open_decoder(args, *models) if args.draft else None
+        load_s = time.perf_counter() - t0
+        figures = measure(models[0], lengths, args, spec)
     finally:
-        rt.close()
-    return {"threads": threads, "load_s": load_s, **figures}, getattr(rt, "version", None)
+        for rt in models:
+            rt.close()
+    return {"threads": threads, "load_s": load_s, **figures}, getattr(models[0], "version", None)
 
 
 def benchmark(args: argparse.Namespace, lengths: list[int], threads: list[int]) -> dict:
@@ -365,8 +429,12 @@ def benchmark(args: argparse.Namespace, lengths: list[int], threads: list[int]) 
     load["busy"] = busy_reason(load, max(threads))
     bw = bandwidth(args.bandwidth_mb, threads[0]) if args.bandwidth_mb else None
     size = model_bytes(Path(args.model))
+    draft_size = model_bytes(Path(args.draft)) if args.draft else 0
     for entry in sweep:
-        entry["decode_bw_fraction"] = bw_fraction(size, entry["decode_tps"], bw)
+        streamed, stats = size, entry.get("speculative")
+        if stats is not None:
+            streamed = stats["bytes_per_token"] = bytes_per_token(stats, size, draft_size)
+        entry["decode_bw_fraction"] = bw_fraction(streamed, entry["decode_tps"], bw)
     return {
         "schema_version": SCHEMA_VERSION, "host": host(),
         "runtime": {"name": args.runtime, "version": version},
@@ -376,7 +444,20 @@ def benchmark(args: argparse.Namespace, lengths: list[int], threads: list[int]) 
                      "cooldown_s": args.cooldown_s, "bandwidth_mb": args.bandwidth_mb},
         **sweep[0], "sweep": sweep, "peak_rss_mb": rss, "bandwidth": bw,
         "thermal": {"before": before, "after": after}, "load": load,
-    }
+    } | ({"speculative": speculative_block(args, sweep[0]["speculative"], size, draft_size)} if args.draft else {})
+
+
+def bytes_per_token(stats: dict, size: int, draft_size: int) -> float:
+    """Weight bytes a speculative decoder streams per emitted token: one teacher pass and `mean_k` draft passes per
+    step, over the tokens a step emits (plain decoding streams `size`)."""
+    return (size + draft_size * stats["mean_k"]) / stats["tokens_per_step"]
+
+
+def speculative_block(args: argparse.Namespace, stats: dict, size: int, draft_size: int) -> dict:
+    """The headline thread count's speculative figures with the draft and its settings."""
+    cfg = draft_config(args)
+    return {**stats, "draft": {"path": str(args.draft), "bytes": draft_size}, "teacher_bytes": size,
+            "k": cfg.k, "k_min": cfg.k_min, "k_max": cfg.k_max, "adaptive": cfg.adaptive}
 
 
 def model_bytes(path: Path) -> int:

@@ -24,6 +24,7 @@ from .target import LOCAL, check_spec
 log = logging.getLogger(__name__)
 
 HF_ON_DEVICE = ("gguf", "torch", "skip")
+LLAMA_CPP_BUILDS = ("auto", "cross", "device")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class BenchConfig:
     remote_cache: str = "~/.cache/pistill"  # on the devices: blobs, trees, the venv
     python: str = ""  # the devices' python that has the runtimes; "" = pistill's venv in remote_cache (built)
     llama_cpp_lib: str = ""  # folder on the devices with your own llama.cpp build's libllama.so; "" = build one
+    # how a device without llama-cpp-python gets it: "cross" (compiled here for 64-bit ARM, then uploaded: the
+    # device compiles nothing), "device" (built there: tens of minutes on a Pi), "auto" (cross where this machine
+    # has the aarch64 toolchain, else on the device)
+    llama_cpp_build: str = "auto"
     hf_on_device: str = "gguf"  # HF models on a device: "gguf" (as the GGUF artifact's quant), "torch", "skip"
 
     def __post_init__(self):
@@ -60,6 +65,8 @@ class BenchConfig:
         for name in ("warmup", "cooldown_s", "bandwidth_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be 0 or more")
+        if self.llama_cpp_build not in LLAMA_CPP_BUILDS:
+            raise ValueError(f"llama_cpp_build = '{self.llama_cpp_build}' is not one of {', '.join(LLAMA_CPP_BUILDS)}")
         if self.hf_on_device not in HF_ON_DEVICE:
             raise ValueError(f"hf_on_device = '{self.hf_on_device}' is not one of {', '.join(HF_ON_DEVICE)}")
         if not self.remote_cache.strip():
@@ -123,8 +130,9 @@ def bench_local(inputs: list[Artifact], cfg: BenchConfig, progress) -> dict[str,
 
 
 def primary(devices: dict[str, dict]) -> str:
-    """The device whose figures fill the report's main table: the first with a model benchmarked."""
-    for spec, d in devices.items():
+    """The device whose figures fill the report's main table: the first real one with a model benchmarked, else
+    the first emulated one."""
+    for spec, d in sorted(devices.items(), key=lambda kv: bool((kv[1].get("facts") or {}).get("emulated"))):
         if any("error" not in r for r in d.get("results", {}).values()):
             return spec
     return next(iter(devices))
@@ -143,6 +151,7 @@ def run(inputs: Mapping[str, Artifact], cfg: BenchConfig, out: Path) -> Artifact
             devices = fleet.bench_fleet(list(inputs.values()), cfg, fleet_specs, progress)
             target = primary(devices)
             results = devices[target].get("results", {})
+            w.extra["emulated"] = (devices[target].get("facts") or {}).get("emulated")
             (w.dir / "devices.json").write_text(json.dumps(devices, indent=2) + "\n")
             w.metrics["devices"] = fleet.summaries(devices)
             w.extra["targets"] = fleet_specs

@@ -25,7 +25,8 @@ s machine; uname -m
 s kernel; uname -r
 s long_bit; getconf LONG_BIT 2>/dev/null
 s dpkg_arch; dpkg --print-architecture 2>/dev/null
-s model; tr -d '\000' < /proc/device-tree/model 2>/dev/null
+s model; tr -d '\000' < /sys/firmware/devicetree/base/model 2>/dev/null || tr -d '\000' < /proc/device-tree/model 2>/dev/null; echo
+s emulated; cat /etc/pistill-emulated 2>/dev/null; echo
 s cpuinfo; cat /proc/cpuinfo 2>/dev/null
 s meminfo; cat /proc/meminfo 2>/dev/null
 s nproc; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN
@@ -128,6 +129,8 @@ def parse(text: str) -> dict:
         **arm_features(cpuinfo), **meminfo(sec.get("meminfo", "")), "disk_free_mb": df_free_mb(sec.get("df", "")),
         "python": python, "temp_c": number(sec.get("temp", ""), 1e3), "cpu_mhz": number(sec.get("freq", ""), 1e3),
         "throttled": throttled, "throttled_flags": throttle_flags(throttled),
+        # a device image run under emulation says how in /etc/pistill-emulated: its numbers are not a board's speed
+        "emulated": sec.get("emulated") or None,
     }
 
 
@@ -236,7 +239,8 @@ def rows(target: str, d: dict) -> list[tuple[str, str]]:
     f, py = d["facts"], d["facts"].get("python") or {}
     have = ", ".join(f"{k} {v}" for k, v in (py.get("packages") or {}).items() if v) or "no runtimes"
     return [
-        ("target", target), ("board", fmt(f.get("board"))), ("cpu", fmt(f.get("cpu"))),
+        ("target", target), ("board", fmt(f.get("board")) + (f" (emulated: {f['emulated']})" if f.get("emulated")
+                                                              else "")), ("cpu", fmt(f.get("cpu"))),
         ("arch", f"{fmt(f.get('machine'))}, {fmt(f.get('bits'))}-bit userland"), ("os", fmt(f.get("os"))),
         ("cores", fmt(f.get("cores"))), ("dot product (asimddp)", _yes_no(f.get("asimddp"))),
         ("i8mm", _yes_no(f.get("i8mm"))),

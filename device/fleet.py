@@ -17,9 +17,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from pistill.artifact import Artifact, runtime_for_format, sha256_file
+from pistill.artifact import Artifact, sha256_file
+from pistill.formats import Format, get_format
 from pistill.models import is_bitsandbytes
+from pistill.registry import register
 
 from . import doctor, provision, transfer
 from .local import BenchInterrupted, bench_here, interrupted_lines, log_result, models
@@ -55,7 +58,8 @@ def device_quant(inputs: list[Artifact]) -> str:
 
 def device_gguf(artifact: Artifact, quant: str) -> Path:
     """An HF model artifact as one GGUF file of type `quant`, cached by artifact id in PISTILL_CACHE."""
-    from pistill.export import gguf
+    from pistill.export.gguf_convert import write_gguf
+    from pistill.export.gguf_quantize import quantize_gguf
     from pistill.models import cache_dir
 
     dst = cache_dir() / "device-gguf" / f"{artifact.id[:16]}-{quant}.gguf"
@@ -63,10 +67,10 @@ def device_gguf(artifact: Artifact, quant: str) -> Path:
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
     if quant in ("F16", "F32"):
-        return gguf.write_gguf(artifact.model_path(), dst, quant.lower())
+        return write_gguf(artifact.model_path(), dst, quant.lower())
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        base = gguf.write_gguf(artifact.model_path(), Path(tmp) / "f16.gguf", "f16")
-        return gguf.quantize_gguf(base, dst, quant)
+        base = write_gguf(artifact.model_path(), Path(tmp) / "f16.gguf", "f16")
+        return quantize_gguf(base, dst, quant)
 
 
 def fresh_hashes(a: Artifact, files: dict[str, Path], known: dict[str, str]) -> dict[str, str]:
@@ -81,28 +85,51 @@ def fresh_hashes(a: Artifact, files: dict[str, Path], known: dict[str, str]) -> 
     return fresh
 
 
+JOBS: dict[str, Callable[..., Job]] = {}  # Format.job -> builder(artifact, format, cfg, quant)
+
+
 def make_job(a: Artifact, cfg, quant: str) -> Job:
     """A Job for one artifact; raises ValueError / RuntimeError with the reason it cannot run on a device."""
-    model, fmt = a.model_path(), a.model["format"]
-    known = {name: f["sha256"] for name, f in a.manifest.get("files", {}).items()}
-    if fmt == "gguf":
-        files = {model.name: model}
-        return Job(a.stage, "llama_cpp", files, model.name,
-                   fresh_hashes(a, files, {model.name: known.get(a.model["file"])}))
-    if fmt == "onnx":
-        files = transfer.folder_files(model)
-        return Job(a.stage, "onnxruntime", files, ".", fresh_hashes(a, files, _rebase(known, a.path, model)))
-    if is_bitsandbytes(model):
+    a.model_path()  # ArtifactError (a RuntimeError) when the artifact holds no model
+    fmt = get_format(a.model["format"])
+    return JOBS[fmt.job](a, fmt, cfg, quant)
+
+
+@register(JOBS, "file")
+def file_job(a: Artifact, fmt: Format, cfg, quant: str) -> Job:
+    """A one-file model: that file, checked against the manifest's hash of it."""
+    model = a.model_path()
+    known = {model.name: manifest_hashes(a).get(a.model["file"])}
+    return Job(a.stage, fmt.runtime, {model.name: model}, model.name, fresh_hashes(a, {model.name: model}, known))
+
+
+@register(JOBS, "folder")
+def folder_job(a: Artifact, fmt: Format, cfg, quant: str) -> Job:
+    """A model folder: every file under it, each checked against the manifest's hash of it."""
+    model = a.model_path()
+    files, known = transfer.folder_files(model), _rebase(manifest_hashes(a), a.path, model)
+    return Job(a.stage, fmt.runtime, files, ".", fresh_hashes(a, files, known))
+
+
+@register(JOBS, "hf")
+def hf_job(a: Artifact, fmt: Format, cfg, quant: str) -> Job:
+    """An HF folder as `cfg.hf_on_device` says: converted to a GGUF file of type `quant`, sent as a folder for torch,
+    or skipped; bitsandbytes weights never (CUDA only)."""
+    if is_bitsandbytes(a.model_path()):
         raise ValueError("bitsandbytes weights (the quantized distillation teacher) run on CUDA only; "
                          "not benchmarked on devices")
     if cfg.hf_on_device == "skip":
         raise ValueError("HF model skipped on devices (hf_on_device = \"skip\")")
     if cfg.hf_on_device == "torch":
-        files = transfer.folder_files(model)
-        return Job(a.stage, runtime_for_format(fmt), files, ".", fresh_hashes(a, files, _rebase(known, a.path, model)))
-    path = device_gguf(a, quant)
-    return Job(a.stage, "llama_cpp", {path.name: path}, path.name, fresh_hashes(a, {path.name: path}, {}),
-               note=f"as GGUF {quant}")
+        return folder_job(a, fmt, cfg, quant)
+    path, gguf = device_gguf(a, quant), get_format("gguf")
+    return Job(a.stage, gguf.runtime, {path.name: path}, path.name, fresh_hashes(a, {path.name: path}, {}),
+               note=f"as {gguf.label} {quant}")
+
+
+def manifest_hashes(a: Artifact) -> dict[str, str]:
+    """{file relative to the artifact: sha256} as the artifact's manifest lists them."""
+    return {name: f["sha256"] for name, f in a.manifest.get("files", {}).items()}
 
 
 def _rebase(known: dict[str, str], root: Path, folder: Path) -> dict[str, str]:
@@ -124,9 +151,11 @@ def make_jobs(inputs: list[Artifact], cfg) -> dict[str, Job | dict]:
     return jobs
 
 
-def bench_job(conn, job: Job, agent_dir: str, plan: provision.Plan, cfg, progress) -> dict:
-    """Upload one model (a copy already there is checked by its hash first) and time it with the agent."""
-    tree, _ = transfer.upload_tree(conn, job.files, cfg.remote_cache, progress, job.sha256s)
+def bench_job(conn, job: Job, agent_dir: str, plan: provision.Plan, cfg, progress, device: dict) -> dict:
+    """Upload one model (a copy already there is checked by its hash first; the bytes sent are added to the
+    device's `uploaded_bytes`) and time it with the agent."""
+    tree, ups = transfer.upload_tree(conn, job.files, cfg.remote_cache, progress, job.sha256s)
+    device["uploaded_bytes"] += sum(u.sent for u in ups)
     model = tree if job.model == "." else f"{tree}/{job.model}"
     argv = [plan.python, f"{agent_dir}/agent.py", *agent_args(job.runtime, model, cfg)]
     out = time_model(SSHRunner(conn, plan.env), argv, job.runtime, cfg.timeout_s)
@@ -165,17 +194,19 @@ def _on_device(conn, jobs, cfg, device: dict, progress, task) -> None:
                   default=None)
     device["warnings"] = doctor.advise(device["facts"], biggest)
     runtimes = sorted({j.runtime for j in jobs.values() if isinstance(j, Job)})
-    plan = provision.plan(conn, device["facts"], runtimes, cfg.python, cfg.remote_cache, cfg.llama_cpp_lib)
+    plan = provision.plan(conn, device["facts"], runtimes, cfg.python, cfg.remote_cache, cfg.llama_cpp_lib,
+                          cfg.llama_cpp_build)
     say("provisioning" if plan.commands else "uploading the agent")
-    provision.provision(conn, plan, runtimes)
-    agent_dir, _ = transfer.upload_tree(conn, {n: AGENT.with_name(n) for n in AGENT_FILES}, cfg.remote_cache)
+    device["provisioned"], ups = provision.provision(conn, plan, runtimes, cfg.remote_cache)
+    agent_dir, agent_ups = transfer.upload_tree(conn, {n: AGENT.with_name(n) for n in AGENT_FILES}, cfg.remote_cache)
+    device["uploaded_bytes"] = sum(u.sent for u in ups + agent_ups)
     for stage, job in jobs.items():
         if not isinstance(job, Job):
             device["results"][stage] = job
             continue
         say(f"bench {stage}")
         try:
-            device["results"][stage] = bench_job(conn, job, agent_dir, plan, cfg, progress)
+            device["results"][stage] = bench_job(conn, job, agent_dir, plan, cfg, progress, device)
         except Interrupted:
             raise Interrupted(f"{conn.target}: interrupted while benchmarking {stage}; its agent was stopped") \
                 from None

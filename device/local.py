@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from pistill.artifact import Artifact, runtime_for_format
+from pistill.artifact import Artifact
+from pistill.formats import runtime_for_format
 
 from .protocol import agent_command, busy, time_model
 from .runners import LocalRunner

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pistill.formats import FORMATS
+
+# every format's runtime package, and those doctor reports beside them
+PROBED = tuple(sorted({f.distribution for f in FORMATS.values()} | {"numpy", "tokenizers", "transformers"}))
 # python -c: {version, executable, bits, packages, llama_system_info} of the python that runs it, as one JSON line
 PY_PROBE = ("import json,platform,struct,sys\nfrom importlib import metadata\nv={}\n"
-            "for n in ('llama_cpp_python','onnxruntime','numpy','tokenizers','torch','transformers'):\n"
+            f"for n in {PROBED!r}:\n"
             "    try: v[n]=metadata.version(n)\n    except Exception: v[n]=None\n"
             "try:\n    import llama_cpp; si=llama_cpp.llama_print_system_info().decode(errors='replace').strip()\n"
             "except Exception: si=None\n"

@@ -7,10 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from pistill.formats import FORMATS
+
 from .target import exit_reason, last_line
 
 AGENT = Path(__file__).with_name("agent.py")
-AGENT_FILES = ("agent.py", "runtimes.py", "ortlm.py")  # what the device needs beside the runtime
+AGENT_FILES = ("agent.py", "runtimes.py",  # what the device needs beside the runtime packages
+               *dict.fromkeys(n for f in FORMATS.values() for n in f.agent_files))
 SUMMARY = ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "load_s")  # per-stage metrics of the artifact
 
 

@@ -2,29 +2,35 @@
 
 Build flags follow the CPU: a Pi 5 (Cortex-A76) has the ARMv8.2 dot product, so llama.cpp is built for
 `armv8.2-a+dotprod` and its repacked Q4_0 kernels run; a Pi 4 (Cortex-A72) has none, so it gets plain `armv8-a`
-(a binary with +dotprod would die with SIGILL there). Builds take long on a Pi; their output streams to the log.
+(a binary with +dotprod would die with SIGILL there). For a 64-bit ARM device llama-cpp-python is cross-compiled
+on this machine where it has the aarch64 toolchain (device/crossbuild.py; `[bench] llama_cpp_build`), and the
+device installs the uploaded wheel; otherwise it is built on the device, which takes long on a Pi (its output
+streams to the log). The device's llama-cpp-python is the release this machine writes GGUF files with.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from pistill.formats import FORMATS
 from pistill.llama_build import NO_AMX
 
+from . import crossbuild, transfer
 from .probe import PY_PROBE
 from .target import Connection, TargetError, describe
 
 log = logging.getLogger(__name__)
 
-ONNXRUNTIME = "onnxruntime>=1.20,!=1.21.0"  # the same pin as pistill's own requirements
-LLAMA_CPP = "llama-cpp-python>=0.3.10"
-PACKAGES = {  # runtime -> (distribution the probe reports, pip requirements)
-    "llama_cpp": ("llama_cpp_python", [LLAMA_CPP]),
-    "onnxruntime": ("onnxruntime", [ONNXRUNTIME, "numpy", "tokenizers"]),
-    "torch": ("torch", ["torch", "transformers", "numpy"]),
-}
+PACKAGES = {  # runtime -> (distribution the probe reports, pip requirements), from the format table
+    f.runtime: (f.distribution, list(f.requirements)) for f in FORMATS.values()}
+VERSIONS = {f.runtime: f.version for f in FORMATS.values() if f.version}  # runtime -> the exact release wanted
+WHEELS = "{wheels}"  # in a plan's commands: the device folder its wheels were uploaded to
+_cross_lock = threading.Lock()  # a fleet's devices share one cross build
 PROBE_TIMEOUT_S = 60
 VENV_TIMEOUT_S = 300
 PIP_TIMEOUT_S = 3600  # compiling llama.cpp on a Pi 4 takes tens of minutes
@@ -41,6 +47,7 @@ class Plan:
     python: str  # interpreter for the agent
     commands: list[list[str]] = field(default_factory=list)  # installs to run first, in order
     env: dict[str, str] = field(default_factory=dict)  # environment for the agent (LLAMA_CPP_LIB_PATH)
+    wheels: dict[str, Path] = field(default_factory=dict)  # built here, uploaded before the commands run
 
 
 def llama_arch(facts: dict) -> str | None:
@@ -70,25 +77,52 @@ def build_env(facts: dict, llama_cpp_lib: str = "") -> list[str]:
     return env
 
 
-def missing(packages: dict | None, runtimes: list[str]) -> list[str]:
-    """Runtimes whose package the probed python lacks."""
-    packages = packages or {}
-    return [r for r in runtimes if not packages.get(PACKAGES[r][0])]
+def lacking(packages: dict | None, runtimes: list[str]) -> dict[str, str]:
+    """{runtime: what is wrong} for the runtimes whose package the probed python lacks or has in another release."""
+    packages, out = packages or {}, {}
+    for r in runtimes:
+        have, want = packages.get(PACKAGES[r][0]), VERSIONS.get(r)
+        if not have:
+            out[r] = f"{r} (not installed)"
+        elif want and have != want:
+            out[r] = f"{r} ({PACKAGES[r][0]} {have}; {want} wanted, the release this machine writes its files with)"
+    return out
 
 
-def install_commands(venv: str, need: list[str], facts: dict, llama_cpp_lib: str, has_venv: bool) -> list[list[str]]:
-    """The commands that create `venv` (unless `has_venv`) and install `need` into it."""
+def install_commands(venv: str, need: list[str], facts: dict, llama_cpp_lib: str, has_venv: bool,
+                     llama_wheel: Path | None = None) -> list[list[str]]:
+    """The commands that create `venv` (unless `has_venv`) and install `need` into it; llama.cpp from
+    `llama_wheel` (uploaded to WHEELS) when given, else built on the device."""
     pip = f"{venv}/bin/pip"
     cmds = [] if has_venv else [["python3", "-m", "venv", venv], [pip, "install", "--upgrade", "pip", "wheel"]]
     for runtime in need:
         reqs = PACKAGES[runtime][1]
         if runtime != "llama_cpp":
             cmds.append([pip, "install", *reqs])
-            continue
-        env = ["env", *build_env(facts, llama_cpp_lib), "FORCE_CMAKE=1",
-               f"CMAKE_BUILD_PARALLEL_LEVEL={facts.get('cores') or 1}"]
-        cmds.append([*env, pip, "install", "-v", "--no-cache-dir", "--no-binary", "llama-cpp-python", *reqs])
+        elif llama_wheel:
+            cmds.append([pip, "install", "--force-reinstall", f"{WHEELS}/{llama_wheel.name}"])
+        else:
+            env = ["env", *build_env(facts, llama_cpp_lib), "FORCE_CMAKE=1",
+                   f"CMAKE_BUILD_PARALLEL_LEVEL={facts.get('cores') or 1}"]
+            cmds.append([*env, pip, "install", "-v", "--no-cache-dir", "--force-reinstall", "--no-binary",
+                         "llama-cpp-python", *reqs])
     return cmds
+
+
+def llama_wheel(conn: Connection, facts: dict, mode: str, llama_cpp_lib: str) -> Path | None:
+    """The cross-built llama-cpp-python wheel for this device, or None to build on the device."""
+    if mode == "device" or llama_cpp_lib:  # with the user's own libllama.so only the bindings are built there
+        return None
+    why = crossbuild.missing_toolchain(facts) or (None if llama_arch(facts) else "the device's CPU features are "
+                                                  "unknown (no Features line in /proc/cpuinfo)")
+    if why and mode == "auto":
+        log.info("%s: llama.cpp will be built on the device (%s)", conn.target, why)
+        return None
+    try:
+        with _cross_lock:
+            return crossbuild.wheel(facts, llama_arch(facts) or "")
+    except crossbuild.CrossBuildError as e:
+        raise ProvisionError(f"{conn.target}: {e}") from None
 
 
 def probe_python(conn: Connection, python: str) -> dict | None:
@@ -101,7 +135,7 @@ def probe_python(conn: Connection, python: str) -> dict | None:
 
 
 def plan(conn: Connection, facts: dict, runtimes: list[str], python: str, cache: str,
-         llama_cpp_lib: str = "") -> Plan:
+         llama_cpp_lib: str = "", llama_cpp_build: str = "auto") -> Plan:
     """Use the named python as it is, or pistill's venv in the cache (listing what to install into it)."""
     env = {"LLAMA_CPP_LIB_PATH": llama_cpp_lib} if llama_cpp_lib else {}
     if python:
@@ -109,9 +143,9 @@ def plan(conn: Connection, facts: dict, runtimes: list[str], python: str, cache:
         if info is None:
             raise ProvisionError(f"{conn.target}: python '{python}' is not there or does not run; install python3 "
                                  "(sudo apt install python3 python3-venv) or fix [bench] python")
-        if lack := missing(info["packages"], runtimes):
+        if lack := lacking(info["packages"], runtimes):
             reqs = " ".join(f"'{r}'" for x in lack for r in PACKAGES[x][1])
-            raise ProvisionError(f"{conn.target}: {python} lacks {', '.join(lack)}; install them there "
+            raise ProvisionError(f"{conn.target}: {python} lacks {', '.join(lack.values())}; install them there "
                                  f"({python} -m pip install {reqs}) or leave [bench] python empty so pistill "
                                  "provisions its own venv")
         return Plan(python, [], env)
@@ -120,14 +154,24 @@ def plan(conn: Connection, facts: dict, runtimes: list[str], python: str, cache:
     if info is None and probe_python(conn, "python3") is None:
         raise ProvisionError(f"{conn.target}: python3 is not installed; install it on the device "
                              "(sudo apt install python3 python3-venv) or set [bench] python")
-    lack = missing(info and info["packages"], runtimes)
-    return Plan(f"{venv}/bin/python", install_commands(venv, lack, facts, llama_cpp_lib, info is not None), env)
+    lack = list(lacking(info and info["packages"], runtimes))
+    wheel = llama_wheel(conn, facts, llama_cpp_build, llama_cpp_lib) if "llama_cpp" in lack else None
+    return Plan(f"{venv}/bin/python", install_commands(venv, lack, facts, llama_cpp_lib, info is not None, wheel),
+                env, {wheel.name: wheel} if wheel else {})
 
 
-def provision(conn: Connection, p: Plan, runtimes: list[str]) -> None:
-    """Run the plan's installs, streaming their output, then check the runtimes import."""
+def provision(conn: Connection, p: Plan, runtimes: list[str],
+              cache: str = transfer.CACHE) -> tuple[list[str], list[transfer.Upload]]:
+    """Upload the plan's wheels, run its installs (streaming their output), then check the runtimes import;
+    returns the commands run (as shell text) and the wheels' uploads."""
+    ran, ups, folder = [], [], ""
+    if p.wheels:
+        folder, ups = transfer.upload_tree(conn, p.wheels, cache)
     for argv in p.commands:
+        argv = [a.replace(WHEELS, folder) for a in argv]
+        ran.append(shlex.join(argv))
         log.info("%s: provisioning: %s", conn.target, describe(argv))
         conn.run(argv, PIP_TIMEOUT_S if "pip" in " ".join(argv) else VENV_TIMEOUT_S, echo=True)
-    if p.commands and (lack := missing((probe_python(conn, p.python) or {}).get("packages"), runtimes)):
-        raise ProvisionError(f"{conn.target}: {', '.join(lack)} still missing in {p.python} after installing")
+    if p.commands and (lack := lacking((probe_python(conn, p.python) or {}).get("packages"), runtimes)):
+        raise ProvisionError(f"{conn.target}: after installing, {p.python} still lacks {', '.join(lack.values())}")
+    return ran, ups

@@ -1,18 +1,46 @@
-"""Inference runtimes behind one small interface, importable on a Pi with only numpy and the runtime itself.
+"""Inference runtimes behind one small interface (`Runtime`), importable on a Pi with only numpy and the runtime.
 
 Each runtime is greedy and stateful: `prefill(ids)` runs a prompt into a fresh cache and returns the next token,
 `decode(token)` appends one token and returns the next. `logits(ids)` is a full forward from an empty cache,
 used for quality checks. This file must work both as `pistill.device.runtimes` and as a standalone script file
-copied beside `agent.py`, so it imports nothing from pistill.
+copied beside `agent.py`, so it imports nothing from pistill. pistill/formats.py names the runtime of each format.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import numpy as np
 
-RUNTIMES: dict[str, type] = {}
+
+class Runtime(Protocol):
+    """What every runtime implements, and all that agent.py, pistill.evaluate and export verification call
+    (pistill.mc_eval's scorers also reach into their own runtime's model)."""
+
+    name: str  # the registry key, set by `register`
+    version: str  # the runtime package's version, for the agent's JSON
+
+    def __init__(self, model_path: str, threads: int = 0, max_ctx: int = 2048) -> None:
+        """Load a model file or folder; `threads` 0 is the runtime's default, `max_ctx` the longest sequence run."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, with no BOS or other special token added."""
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """(T, V) float32 logits of a full forward of `ids` from an empty cache."""
+
+    def prefill(self, ids: list[int]) -> int:
+        """Run a prompt into a fresh cache; the greedy next token."""
+
+    def decode(self, token: int) -> int:
+        """Append one token to the cache; the greedy next token."""
+
+    def close(self) -> None:
+        """Free the model (the object is not used again)."""
+
+
+RUNTIMES: dict[str, type[Runtime]] = {}
 
 
 def register(name: str):
@@ -24,7 +52,7 @@ def register(name: str):
     return deco
 
 
-def get_runtime(name: str) -> type:
+def get_runtime(name: str) -> type[Runtime]:
     if name not in RUNTIMES:
         raise ValueError(f"runtime '{name}' is not supported; supported: {', '.join(sorted(RUNTIMES))}")
     return RUNTIMES[name]
@@ -90,7 +118,8 @@ class LlamaCppRuntime:
             raise ValueError(f"kv_type '{kv_type}' is not supported; use f16 or f32")
         # llama.cpp's own default (F16) passes no argument, so an older llama-cpp-python on a device works too
         kv = {} if kv_type == "f16" else {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
-        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=max_ctx, n_threads=threads or os.cpu_count(),
+        n = threads or os.cpu_count()  # batches too (prefill): llama-cpp-python's default for them is every core
+        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=max_ctx, n_threads=n, n_threads_batch=n,
                                    n_batch=512, logits_all=True, verbose=False, **kv)
         self.version = llama_cpp.__version__
 

@@ -1,7 +1,7 @@
 """The baseline stage: the teacher's own GGUF files, made as the student's are, for the report to compare against.
 
 A Pi user's first alternative to pistill is to quantize the teacher and run it. This stage writes that file with
-the same exporter (`gguf.write_gguf`, `gguf.quantize_gguf`) at the student GGUF's quant type and importance-matrix
+the same exporter (`write_gguf`, `quantize_gguf`) at the student GGUF's quant type and importance-matrix
 policy (read from the gguf artifact's manifest), and at the other `quants` (Q8_0 by default), and scores each on the
 same held-out blocks. The artifact holds several models (manifest `models`, keyed "baseline" for the first file and
 "baseline:<TYPE>" for the others); bench, eval and report take each of them.
@@ -18,6 +18,8 @@ from typing import ClassVar
 from pistill.artifact import Artifact, ArtifactWriter
 
 from . import gguf
+from .gguf_convert import check_folder, tensor_names, write_gguf
+from .gguf_quantize import QUANT_FTYPES, check_quant, quantize_gguf
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class BaselineConfig:
             raise ValueError('quants is empty; name at least one type, e.g. ["student", "Q8_0"]')
         for q in self.quants:
             if q != STUDENT:
-                gguf.check_quant(q)
+                check_quant(q)
         if len(set(self.quants)) != len(self.quants):
             raise ValueError(f"quants = {list(self.quants)} repeats a type; list each once")
         if self.threads < 0:
@@ -73,20 +75,20 @@ def write_files(folder: Path, data: Artifact, kinds: list[str], outtype: str, us
     with the teacher's importance matrix on the calibration blocks when `use_imatrix`."""
     from .verify import TorchLM
 
-    base = gguf.write_gguf(folder, out / f"teacher-{outtype}.gguf", outtype)
-    needs = [k for k in kinds if k in gguf.QUANT_FTYPES]
+    base = write_gguf(folder, out / f"teacher-{outtype}.gguf", outtype)
+    needs = [k for k in kinds if k in QUANT_FTYPES]
     imatrix = None
     if use_imatrix and needs:
-        names = gguf.tensor_names(folder, gguf.check_folder(folder)[0])
+        names = tensor_names(folder, check_folder(folder)[0])
         imatrix = gguf.importance(TorchLM(folder), data, names)
     files = []
     for kind in kinds:
-        if kind in gguf.QUANT_FTYPES:
-            files.append(gguf.quantize_gguf(base, out / f"teacher-{kind}.gguf", kind, threads, imatrix))
+        if kind in QUANT_FTYPES:
+            files.append(quantize_gguf(base, out / f"teacher-{kind}.gguf", kind, threads, imatrix))
         elif kind.lower() == outtype:
             files.append(base)
         else:  # the other unquantized type
-            files.append(gguf.write_gguf(folder, out / f"teacher-{kind}.gguf", kind.lower()))
+            files.append(write_gguf(folder, out / f"teacher-{kind}.gguf", kind.lower()))
     if base not in files:
         base.unlink()
     return files
@@ -97,7 +99,7 @@ def run(inputs: Mapping[str, Artifact], cfg: BaselineConfig, out: Path) -> Artif
     held-out blocks; one artifact holding every file as a model."""
     teacher, data, student = inputs["teacher"], inputs["data"], inputs["gguf"]
     folder = teacher.model_path()
-    gguf.check_folder(folder)  # every check before anything is written
+    check_folder(folder)  # every check before anything is written
     student_type, outtype, use_imatrix = student_policy(student.manifest)
     kinds = file_types(cfg, student_type)
     with ArtifactWriter(out, "baseline", cfg, inputs) as w:

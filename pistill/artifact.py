@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, UserError
+from .formats import FORMATS, runtime_for_format  # noqa: F401 (runtime_for_format: the report imports it here)
 from .rundir import make_dir
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-_TRACKED_PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "gguf", "llama_cpp_python",
-                     "onnx", "onnxruntime", "onnxruntime-genai", "numpy")
+_TRACKED_PACKAGES = ("transformers", "accelerate", "bitsandbytes", "gguf", "onnx", "onnxruntime-genai", "numpy",
+                     *(f.distribution for f in FORMATS.values()))  # and each format's runtime
 
 
 class ArtifactError(UserError, RuntimeError):
@@ -135,14 +136,6 @@ def read_manifest(path: Path) -> dict:
         what = f"lacks {', '.join(missing)}" if isinstance(manifest, dict) else f"is a JSON {type(manifest).__name__}"
         raise ArtifactError(f"{path} {what}, not a pistill manifest; rerun the stage that wrote the folder")
     return manifest
-
-
-def runtime_for_format(fmt: str) -> str:
-    """The runtime that runs a model artifact of this format."""
-    table = {"hf": "torch", "gguf": "llama_cpp", "onnx": "onnxruntime"}
-    if fmt not in table:
-        raise ValueError(f"model format '{fmt}' has no runtime; supported: {', '.join(table)}")
-    return table[fmt]
 
 
 def environment() -> dict:

@@ -306,7 +306,7 @@ def check_generator(cfg: DataConfig, teacher_dir: Path) -> None:
     """Fail before any weight loads when llama.cpp generation cannot have the teacher as a GGUF file."""
     if not cfg.generate or cfg.generator != "llama_cpp":
         return
-    from .export.gguf import check_folder
+    from .export.gguf_convert import check_folder
 
     try:
         check_folder(teacher_dir)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import Artifact, runtime_for_format
+from .artifact import Artifact
 from .data import load_blocks, load_reference
+from .formats import runtime_for_format
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -73,7 +74,7 @@ def evaluate_torch(model, data: Artifact) -> dict:
 
 
 def evaluate_path(path: str | Path, fmt: str, data: Artifact, threads: int = 0) -> dict:
-    """Held-out metrics of a model on disk: fmt 'hf' (torch), 'gguf' (llama.cpp) or 'onnx' (onnxruntime)."""
+    """Held-out metrics of a model on disk of format `fmt` (a key of pistill.formats.FORMATS), in its runtime."""
     from pistill.device.runtimes import get_runtime
 
     block_size = int(load_blocks(data, "heldout").shape[1])

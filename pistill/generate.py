@@ -100,7 +100,8 @@ def _progress(label: str, total: int):
 
 def teacher_gguf(folder: Path, out_dir: Path, gguf_type: str = "Q8_0", threads: int = 0) -> Path:
     """The HF teacher as a GGUF file in `out_dir` (pistill's exporter; Q8_0 quantized from F16 by llama.cpp)."""
-    from pistill.export.gguf import quantize_gguf, write_gguf
+    from pistill.export.gguf_convert import write_gguf
+    from pistill.export.gguf_quantize import quantize_gguf
 
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type '{gguf_type}' is not supported; use one of {', '.join(GGUF_TYPES)}")

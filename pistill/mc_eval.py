@@ -21,8 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from .artifact import runtime_for_format
 from .errors import InputError
+from .formats import runtime_for_format
+from .registry import lookup
 
 
 @dataclass(frozen=True)
@@ -320,9 +321,10 @@ def open_scorer(path: str | Path, fmt: str, threads: int = 0, token_budget: int 
     from pistill.device.runtimes import get_runtime
 
     name = runtime_for_format(fmt)
+    make_scorer = lookup(SCORERS, name, "zero-shot scoring in runtime")  # before the model loads
     rt = get_runtime(name)(str(path), threads, min(token_budget, 512))  # the runtime's own cache: not for scoring
     try:
-        scorer = SCORERS[name](rt, token_budget)
+        scorer = make_scorer(rt, token_budget)
         try:
             yield scorer
         finally:

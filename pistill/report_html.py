@@ -1,4 +1,4 @@
-"""The report as one self-contained HTML file: the tables, and matplotlib charts embedded as base64 PNGs."""
+"""The report as one self-contained HTML file: the tables of `report_table`, and matplotlib charts as base64 PNGs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import html
 import io
 import math
 
-from .report import (DEVICE_COLUMNS, MISSING, device_summary, row_cell, row_name, table_columns, toml_block,
-                     zeroshot_columns)
+from .report_table import (MISSING, DeviceTable, Table, device_tables, eval_notes, failures, models_table,
+                           toml_block, verdict, zeroshot_about, zeroshot_table)
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px}
@@ -196,29 +196,31 @@ def e(x: object) -> str:
     return html.escape(str(x))
 
 
-def html_table(rows: list[dict], columns) -> str:
-    head = "<tr><th>model</th>" + "".join(f"<th>{e(h)}</th>" for _, h, _ in columns) + "</tr>"
-    body = "".join("<tr><td>" + e(row_name(r)) + "</td>" + "".join(f'<td class="n">{e(row_cell(r, k, f))}</td>'
-                                                                    for k, _, f in columns) + "</tr>" for r in rows)
+def html_table(table: Table) -> str:
+    """The model column as text, the figures right-aligned."""
+    head = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in table.header) + "</tr>"
+    body = "".join("<tr><td>" + e(name) + "</td>" + "".join(f'<td class="n">{e(c)}</td>' for c in cells) + "</tr>"
+                   for name, *cells in table.rows)
     return f"<table>{head}{body}</table>"
 
 
-def errors_html(rows: list[dict], key: str) -> str:
-    items = "".join(f"<li><b>{e(r['name'])}</b> failed: {e(r[key])}</li>" for r in rows if r.get(key))
+def errors_html(failed: list[tuple[str, str]]) -> str:
+    items = "".join(f"<li><b>{e(name)}</b> failed: {e(err)}</li>" for name, err in failed)
     return f'<ul class="err">{items}</ul>' if items else ""
 
 
-def devices_html(devices: list[dict]) -> str:
-    parts = []
-    for d in devices:
-        parts.append(f"<h3>{e(d['target'])}</h3><p>{e(device_summary(d))}</p>")
-        if d.get("error"):
-            parts.append(f'<p class="err"><b>device failed:</b> {e(d["error"])}</p>')
-        if d.get("warnings"):
-            parts.append('<ul class="warn">' + "".join(f"<li>{e(w)}</li>" for w in d["warnings"]) + "</ul>")
-        if d["rows"]:
-            parts.append(html_table(d["rows"], DEVICE_COLUMNS) + errors_html(d["rows"], "error"))
-    return "".join(parts)
+DEVICE_PARTS = {  # DeviceTable part -> HTML
+    "heading": lambda target: f"<h3>{e(target)}</h3>",
+    "summary": lambda summary: f"<p>{e(summary)}</p>",
+    "error": lambda err: f'<p class="err"><b>device failed:</b> {e(err)}</p>',
+    "warnings": lambda warnings: '<ul class="warn">' + "".join(f"<li>{e(w)}</li>" for w in warnings) + "</ul>",
+    "table": html_table,
+    "failed": errors_html,
+}
+
+
+def devices_html(devices: list[DeviceTable]) -> str:
+    return "".join(DEVICE_PARTS[part](content) for d in devices for part, content in d.parts())
 
 
 def img(title: str, b64: str) -> str:
@@ -230,33 +232,30 @@ def front_html(report: dict) -> str:
     fr = report.get("front") or {}
     fig = front_chart(fr)
     parts = [img(FRONT_TITLE, png(fig))] if fig is not None else []
-    if fr.get("sentence"):
-        parts.append(f'<p class="front"><b>{e(fr["sentence"][0].upper() + fr["sentence"][1:])}.</b></p>')
-    notes = "".join(f"<li>{e(r['name'])}: no zero-shot figures: {e(r['eval_note'])}</li>"
-                    for r in report["rows"] if r.get("eval_note"))
+    if sentence := verdict(fr):
+        parts.append(f'<p class="front"><b>{e(sentence)}</b></p>')
+    notes = "".join(f"<li>{e(note)}</li>" for note in eval_notes(report["rows"]))
     return "".join(parts) + (f'<ul class="warn">{notes}</ul>' if notes else "")
 
 
 def zeroshot_html(report: dict) -> str:
-    tasks = report.get("tasks") or {}
-    about = "; ".join(f"{t.get('label', n)}: {t.get('n')} items of {t.get('source')} (chance {t.get('chance', 0):.3f})"
-                      for n, t in tasks.items())
-    rows = [r for r in report["rows"] if r.get("zeroshot")]
-    return f"<p>{e(about)}; ± one standard error.</p>" + html_table(rows, zeroshot_columns(tasks))
+    about = zeroshot_about(report.get("tasks") or {})
+    return f"<p>{e(about)}; ± one standard error.</p>" + html_table(zeroshot_table(report))
 
 
 def render_html(report: dict) -> str:
+    """report.html from the gathered report (`report_gather.report_data`)."""
     imgs = "".join(img(t, b) for t, b in charts(report).items())
-    bench = report.get("bench") or {}
+    bench, bench_failed = report.get("bench") or {}, failures(report["rows"], "bench_error")
     body = [
-        "<h1>pistill report</h1>", html_table(report["rows"], table_columns(report.get("tasks") or {})),
-        errors_html(report["rows"], "bench_error"), f"<p>benchmark target: {e(bench.get('target') or MISSING)}</p>",
+        "<h1>pistill report</h1>", html_table(models_table(report)), errors_html(bench_failed),
+        f"<p>benchmark target: {e(bench.get('target') or MISSING)}</p>",
         "<h2>Charts</h2>", front_html(report), imgs or "<p>no figures to chart</p>",
     ]
     if report.get("tasks"):
         body += ["<h2>Zero-shot accuracy</h2>", zeroshot_html(report)]
     if report.get("devices"):
-        body += ["<h2>Devices</h2>", devices_html(report["devices"])]
+        body += ["<h2>Devices</h2>", devices_html(device_tables(report["devices"]))]
     body += ["<h2>Recipe</h2>", f"<pre>{e(toml_block(report['recipe']))}</pre>"]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>pistill report</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from tiny import make_model
+
+sys.path.insert(0, str(Path(__file__).parent / "pi-emu"))
+PI_EMU_DIR = Path("/var/tmp/pistill-pi-emu-tests")  # not under pytest's tmp: its clean-up must never meet mounts
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +47,19 @@ def tiny_data(tiny_teacher, tmp_path_factory):
     cfg = DataConfig(block_size=64, calib_blocks=4, train_blocks=16, heldout_blocks=2, instructions=4, generate=4,
                      gen_tokens=16, parallel=4, threads=1, topk=16)
     return run({"teacher": tiny_teacher}, cfg, tiny_teacher.path.parent / "data")
+
+
+@pytest.fixture(scope="session")
+def pi_emu():
+    """The emulated Raspberry Pi 5 (tests/pi-emu/piemu.py), fresh from its cached root file system, up for the
+    whole test run; skips with the reason where this machine cannot run it (not root, no binfmt)."""
+    import piemu
+
+    try:
+        piemu.check_machine()
+    except piemu.Unavailable as e:
+        pytest.skip(str(e))
+    device = piemu.up(PI_EMU_DIR)
+    yield device
+    piemu.down(PI_EMU_DIR)
+

@@ -166,3 +166,13 @@ def sshd_factory(tmp_path):
     yield start
     for s in servers:
         s.stop()
+
+
+def ssh_home(home: Path, *devices: tuple[str, str, int, str, str]) -> Path:
+    """A home folder whose ~/.ssh/config names each (alias, user, port, key, known_hosts) device on 127.0.0.1."""
+    ssh = home / ".ssh"
+    ssh.mkdir(parents=True, exist_ok=True)
+    (ssh / "config").write_text("".join(
+        f"Host {alias}\n  HostName 127.0.0.1\n  User {user}\n  Port {port}\n  IdentityFile {key}\n"
+        f"  UserKnownHostsFile {known}\n" for alias, user, port, key, known in devices))
+    return home

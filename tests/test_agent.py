@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pistill.device import agent
+from pistill.device.protocol import AGENT_FILES
 
 AGENT = Path(agent.__file__)
 FIGURES = ("load_s", "ttft_s", "prefill_tps", "decode_tps", "peak_rss_mb")
@@ -21,7 +22,7 @@ FIGURES = ("load_s", "ttft_s", "prefill_tps", "decode_tps", "peak_rss_mb")
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_model, tmp_path_factory):
     """The tiny llama as an F32 GGUF, written by the GGUF exporter."""
-    gguf = pytest.importorskip("pistill.export.gguf", reason="the GGUF exporter (export/gguf.py) is not there")
+    gguf = pytest.importorskip("pistill.export.gguf_convert", reason="the GGUF writer is not there")
     return gguf.write_gguf(tiny_model, tmp_path_factory.mktemp("gguf") / "tiny.gguf", "f32")
 
 
@@ -117,8 +118,9 @@ def test_agent_runtime_failure_ends_with_one_error_line(tmp_path):
 
 
 def test_agent_standalone_beside_its_runtimes(tiny_gguf, tmp_path):
-    """As on the Pi: agent.py, runtimes.py and ortlm.py alone in a folder, and pistill not importable."""
-    for name in ("agent.py", "runtimes.py", "ortlm.py"):
+    """As on the Pi: the files the bench uploads (agent.py, runtimes.py, ortlm.py) alone in a folder, and pistill not
+    importable."""
+    for name in AGENT_FILES:
         shutil.copy(AGENT.with_name(name), tmp_path / name)
     args = ["agent.py", "--runtime", "llama_cpp", "--model", str(tiny_gguf), "--gen-tokens", "2", "--repeats", "1",
             "--warmup", "0", "--bandwidth-mb", "4"]

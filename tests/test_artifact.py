@@ -1,4 +1,4 @@
-"""Artifacts: atomic writes, manifests, input keys; the format -> runtime table and the machine facts."""
+"""Artifacts: atomic writes, manifests, input keys and the machine facts."""
 
 import json
 from dataclasses import dataclass
@@ -6,8 +6,7 @@ from typing import ClassVar
 
 import pytest
 
-from pistill.artifact import (Artifact, ArtifactError, ArtifactWriter, cpu_fields, input_key, runtime_for_format,
-                              sha256_file)
+from pistill.artifact import Artifact, ArtifactError, ArtifactWriter, cpu_fields, input_key, sha256_file
 
 
 @dataclass(frozen=True)
@@ -125,16 +124,6 @@ def test_writer_refuses_a_folder_holding_an_input(tmp_path):
         with pytest.raises(OutputError, match="holds the 'demo' input"):
             write(out, parents=[parent])
     assert Artifact.load(parent.path).id == parent.id
-
-
-@pytest.mark.parametrize("fmt, runtime", [("hf", "torch"), ("gguf", "llama_cpp"), ("onnx", "onnxruntime")])
-def test_runtime_for_format(fmt, runtime):
-    assert runtime_for_format(fmt) == runtime
-
-
-def test_unknown_format_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"^model format 'tflite' has no runtime; supported: hf, gguf, onnx$"):
-        runtime_for_format("tflite")
 
 
 def test_cpu_fields_keeps_the_first_core():

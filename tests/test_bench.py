@@ -30,7 +30,7 @@ def teacher(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gguf(tiny_model, tmp_path_factory):
-    export = pytest.importorskip("pistill.export.gguf", reason="the GGUF exporter (export/gguf.py) is not there")
+    export = pytest.importorskip("pistill.export.gguf_convert", reason="the GGUF writer is not there")
     return model_artifact(tmp_path_factory.mktemp("bench"), "gguf", "gguf",
                           lambda d: export.write_gguf(tiny_model, d / "model-f32.gguf", "f32").name)
 
@@ -121,8 +121,9 @@ def test_run_records_broken_model_and_finishes_others(teacher, gguf, broken, tmp
 
 
 def _report(model, bench):
-    from pistill.report import render_markdown, report_data
+    from pistill.report_gather import report_data
     from pistill.report_html import render_html
+    from pistill.report_md import render_markdown
 
     report = report_data(named([model, bench]))
     return report, render_markdown(report), render_html(report)
@@ -164,7 +165,7 @@ def test_quiet_machine_has_no_busy_warning(gguf, tmp_path):
 def test_run_benches_every_model_of_an_artifact(tiny_model, teacher, tmp_path):
     """An artifact holding two models (the baseline's teacher files): both timed, keyed baseline and
     baseline:Q8_0 in bench.json and the metrics; a one-model artifact keeps its stage as key."""
-    from pistill.export.gguf import write_gguf
+    from pistill.export.gguf_convert import write_gguf
 
     with ArtifactWriter(tmp_path / "baseline", "baseline", FakeConfig(), []) as w:
         for name in ("a.gguf", "b.gguf"):

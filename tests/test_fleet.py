@@ -30,7 +30,7 @@ from tiny import model_artifact, named
 @pytest.fixture(scope="module")
 def models(tiny_model, tmp_path_factory):
     """A teacher (HF folder) and a student GGUF artifact, built from the tiny llama."""
-    gguf = pytest.importorskip("pistill.export.gguf", reason="the GGUF exporter (export/gguf.py) is not there")
+    gguf = pytest.importorskip("pistill.export.gguf_convert", reason="the GGUF writer is not there")
     root = tmp_path_factory.mktemp("fleet")
 
     def copy(d):
@@ -199,7 +199,7 @@ def test_cli_bench_with_an_unreachable_target(sshd_factory, tmp_path):
 @pytest.fixture(scope="module")
 def ggufs(tiny_model, tmp_path_factory):
     """Three GGUF model artifacts (a.gguf, b.gguf, c.gguf: one blob, three trees on a device)."""
-    gguf = pytest.importorskip("pistill.export.gguf", reason="the GGUF exporter (export/gguf.py) is not there")
+    gguf = pytest.importorskip("pistill.export.gguf_convert", reason="the GGUF writer is not there")
     root = tmp_path_factory.mktemp("ggufs")
     src = gguf.write_gguf(tiny_model, root / "tiny.gguf", "f32")
     return [model_artifact(root, stage, "gguf", lambda d, n=name: shutil.copy(src, d / n) and n)

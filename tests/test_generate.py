@@ -77,7 +77,7 @@ def sharp_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def f32_gguf(sharp_model, tmp_path_factory):
-    from pistill.export.gguf import write_gguf
+    from pistill.export.gguf_convert import write_gguf
 
     return write_gguf(sharp_model, tmp_path_factory.mktemp("gguf") / "model-f32.gguf", "f32")
 
@@ -85,7 +85,7 @@ def f32_gguf(sharp_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def flat_gguf(tiny_model, tmp_path_factory):
     """The tiny random llama as it is: flat distributions, so sampled sequences differ."""
-    from pistill.export.gguf import write_gguf
+    from pistill.export.gguf_convert import write_gguf
 
     return write_gguf(tiny_model, tmp_path_factory.mktemp("gguf") / "flat-f32.gguf", "f32")
 

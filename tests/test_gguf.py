@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pistill.export.gguf import (LLAMA3_RE, QWEN2_RE, QUANT_FTYPES, GGUFConfig, gguf_quant, gguf_stats, permute_rope,
-                                 pre_tokenizer_name, quantize_gguf, run, write_gguf)
+from pistill.export.gguf import GGUFConfig, gguf_quant, gguf_stats, run
+from pistill.export.gguf_convert import LLAMA3_RE, QWEN2_RE, permute_rope, pre_tokenizer_name, write_gguf
+from pistill.export.gguf_quantize import QUANT_FTYPES, quantize_gguf
 from pistill.hf_folder import ARCHITECTURES, tied_embeddings
 
 TEXTS = [
@@ -359,11 +360,11 @@ def test_run_writes_a_gguf_artifact(tiny_teacher, tiny_data, tmp_path):
 def test_run_fails_when_the_unquantized_file_is_off(tiny_teacher, tiny_data, tmp_path, monkeypatch, caplog,
                                                     outtype, broken, match):
     """A broken exporter (token embeddings off by one row) is caught by the parity gate; nothing is left behind."""
-    from pistill.export import gguf
+    from pistill.export import gguf_convert
     from pistill.export.verify import VerificationError
 
-    convert = gguf.convert_tensor
-    monkeypatch.setattr(gguf, "convert_tensor", lambda name, arr, config, out: convert(
+    convert = gguf_convert.convert_tensor
+    monkeypatch.setattr(gguf_convert, "convert_tensor", lambda name, arr, config, out: convert(
         name, np.roll(arr, 1, axis=0) if "embed_tokens" in name and out in broken else arr, config, out))
     cfg = GGUFConfig(outtype=outtype, quants=(), threads=1, imatrix=False, gen_tokens=4)
     if match is None:

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pistill.export.gguf import check_folder, quantize_gguf, tensor_names, write_gguf
+from pistill.export.gguf_convert import check_folder, tensor_names, write_gguf
+from pistill.export.gguf_quantize import quantize_gguf
 from pistill.export.imatrix import LlamaImatrix, collect
 
 BLOCKS = np.random.default_rng(0).integers(3, 500, size=(3, 24))

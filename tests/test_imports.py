@@ -17,14 +17,6 @@ SPINE_DEVICE_ALLOWED = {  # (spine module, device module): the spine's imports o
     ("pistill.mc_eval", "pistill.device.runtimes"): "zero-shot scoring of GGUF / ONNX files, the same runtimes",
 }
 CYCLE_EDGES_ALLOWED = {  # (importer, imported): edges that close the cycles that remain, and why they are not cut yet
-    ("pistill.data", "pistill.export.gguf"): "llama.cpp teacher generation checks the teacher converts to GGUF, while "
-                                             "the gguf stage reads data's blocks; cutting it means splitting the GGUF "
-                                             "writer (and verify's layer check) out of the gguf stage module",
-    ("pistill.generate", "pistill.export.gguf"): "llama.cpp teacher generation writes the teacher with the GGUF "
-                                                 "writer; the same split cuts it",
-    ("pistill.report", "pistill.report_html"): "the report stage writes report.html, which renders with the report's "
-                                               "table helpers; cutting it means moving those helpers to their own "
-                                               "module",
 }
 
 

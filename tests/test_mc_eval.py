@@ -156,7 +156,7 @@ def test_batching_and_attention_kernel_do_not_change_the_scores(model_and_tokeni
 def exported(tiny_model, tmp_path_factory):
     """The tiny model as an F32 GGUF file and an fp32 ONNX folder: unquantized, so only the runtime differs."""
     from pistill.export import onnx
-    from pistill.export.gguf import write_gguf
+    from pistill.export.gguf_convert import write_gguf
 
     root = tmp_path_factory.mktemp("mc-exports")
     return {"hf": tiny_model, "gguf": write_gguf(tiny_model, root / "model-f32.gguf", "f32"),

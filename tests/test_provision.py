@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from pistill.llama_build import LLAMA_CPP_VERSION
+
 from pistill.device import provision as P
 from pistill.device import target as T
 from sshd import sshd  # noqa: F401 (fixture)
@@ -35,8 +37,8 @@ def test_install_commands_fresh_venv_on_a_pi5():
     assert cmds[0] == ["python3", "-m", "venv", "/home/pi/.cache/pistill/venv"]
     assert cmds[1] == [pip, "install", "--upgrade", "pip", "wheel"]
     assert cmds[2] == ["env", "CMAKE_ARGS=-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod", "FORCE_CMAKE=1",
-                       "CMAKE_BUILD_PARALLEL_LEVEL=4", pip, "install", "-v", "--no-cache-dir", "--no-binary",
-                       "llama-cpp-python", "llama-cpp-python>=0.3.10"]
+                       "CMAKE_BUILD_PARALLEL_LEVEL=4", pip, "install", "-v", "--no-cache-dir", "--force-reinstall",
+                       "--no-binary", "llama-cpp-python", f"llama-cpp-python=={LLAMA_CPP_VERSION}"]
     assert cmds[3] == [pip, "install", "onnxruntime>=1.20,!=1.21.0", "numpy", "tokenizers"]
     assert len(cmds) == 4
 
@@ -48,13 +50,26 @@ def test_install_commands_existing_venv_on_a_pi4():
 
 
 @pytest.mark.parametrize("packages, runtimes, expected", [
-    ({"llama_cpp_python": "0.3.9", "onnxruntime": None}, ["llama_cpp", "onnxruntime"], ["onnxruntime"]),
+    ({"llama_cpp_python": LLAMA_CPP_VERSION, "onnxruntime": None}, ["llama_cpp", "onnxruntime"], ["onnxruntime"]),
+    ({"llama_cpp_python": "0.3.9"}, ["llama_cpp"], ["llama_cpp"]),  # another release reads GGUF files differently
     ({}, ["llama_cpp"], ["llama_cpp"]),
     (None, ["torch"], ["torch"]),
     ({"torch": "2.4"}, ["torch"], []),
 ])
-def test_missing(packages, runtimes, expected):
-    assert P.missing(packages, runtimes) == expected
+def test_lacking(packages, runtimes, expected):
+    assert list(P.lacking(packages, runtimes)) == expected
+
+
+def test_lacking_says_which_release_is_wanted():
+    why = P.lacking({"llama_cpp_python": "0.3.9"}, ["llama_cpp"])["llama_cpp"]
+    assert f"llama_cpp_python 0.3.9; {LLAMA_CPP_VERSION} wanted" in why
+
+
+def test_a_pi_gets_the_cross_built_wheel_and_compiles_nothing(tmp_path):
+    wheel = tmp_path / f"llama_cpp_python-{LLAMA_CPP_VERSION}-py3-none-linux_aarch64.whl"
+    cmds = P.install_commands("/v", ["llama_cpp", "onnxruntime"], PI4, "", True, wheel)
+    assert cmds[0] == ["/v/bin/pip", "install", "--force-reinstall", f"{P.WHEELS}/{wheel.name}"]
+    assert not any("CMAKE_ARGS" in " ".join(c) for c in cmds)
 
 
 @pytest.fixture
@@ -80,16 +95,25 @@ def test_named_python_without_the_runtime_is_a_clear_error(conn, tmp_path):
     info = P.probe_python(conn, bare)
     if info is None or info["packages"].get("llama_cpp_python"):
         pytest.skip(f"needs a {bare} without llama-cpp-python")
-    with pytest.raises(P.ProvisionError, match=f"{bare} lacks llama_cpp; install them there"):
+    with pytest.raises(P.ProvisionError, match=f"{bare} lacks llama_cpp \\(not installed\\); install them there"):
         P.plan(conn, X86, ["llama_cpp"], bare, str(tmp_path))
 
 
 def test_own_venv_plan(conn, tmp_path):
     """No python named and no venv yet: create one in the cache and install into it."""
-    plan = P.plan(conn, PI5, ["llama_cpp"], "", str(tmp_path / "cache"))
+    plan = P.plan(conn, PI5, ["llama_cpp"], "", str(tmp_path / "cache"), llama_cpp_build="device")
     venv = f"{tmp_path}/cache/venv"
     assert plan.python == f"{venv}/bin/python" and plan.commands[0] == ["python3", "-m", "venv", venv]
     assert "CMAKE_ARGS=-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod" in plan.commands[2]
+    assert plan.wheels == {}
+
+
+def test_an_x86_device_builds_llama_cpp_itself_and_cross_says_why_not(conn, tmp_path):
+    plan = P.plan(conn, X86, ["llama_cpp"], "", str(tmp_path / "cache"))  # "auto": no cross build for x86
+    assert plan.wheels == {} and "--no-binary" in plan.commands[2]
+    with pytest.raises(P.ProvisionError, match=r"no cross build for a x86_64 device \(only 64-bit ARM\); or set "
+                                               r"\[bench\] llama_cpp_build = \"device\""):
+        P.plan(conn, X86, ["llama_cpp"], "", str(tmp_path / "cache"), llama_cpp_build="cross")
 
 
 def test_provision_streams_its_output_and_checks_the_result(conn, caplog):
@@ -98,7 +122,7 @@ def test_provision_streams_its_output_and_checks_the_result(conn, caplog):
         P.provision(conn, plan, ["llama_cpp"])
     assert "Building wheel 1/2" in caplog.text and "cmake step" in caplog.text
     bare = P.Plan("/no/such/python3", [["true"]])
-    with pytest.raises(P.ProvisionError, match="still missing"):
+    with pytest.raises(P.ProvisionError, match="after installing, /no/such/python3 still lacks llama_cpp"):
         P.provision(conn, bare, ["llama_cpp"])
 
 

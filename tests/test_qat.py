@@ -162,7 +162,8 @@ def test_a_q4_0_qat_student_is_stored_exactly_by_the_gguf_stage(tiny_teacher, pr
     Q4_0 file then matches the torch student as closely as the unquantized one does."""
     import gguf
 
-    from pistill.export.gguf import GGUFConfig, permute_rope
+    from pistill.export.gguf import GGUFConfig
+    from pistill.export.gguf_convert import permute_rope
     from pistill.export.gguf import run as gguf_run
 
     student = qat_student("q4_0", tiny_teacher, pruned, tiny_data, tmp_path / "distill")

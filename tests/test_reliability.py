@@ -426,7 +426,7 @@ def test_export_and_device_failures_are_user_errors():
     from pistill.artifact import ArtifactError
     from pistill.compress.distill import DivergedError
     from pistill.device.target import TargetError
-    from pistill.export.gguf import QuantizeError
+    from pistill.export.gguf_quantize import QuantizeError
     from pistill.export.verify import VerificationError
     from pistill.models import TeacherError
 

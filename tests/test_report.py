@@ -9,7 +9,10 @@ from dataclasses import dataclass
 import pytest
 
 from pistill.artifact import ArtifactWriter, config_dict
-from pistill.report import MISSING, ReportConfig, build_rows, cell, markdown_table, model_label, run, teacher_metrics
+from pistill.report import ReportConfig, run
+from pistill.report_gather import build_rows, model_label, teacher_metrics
+from pistill.report_md import markdown_table
+from pistill.report_table import MISSING, cell, text_table
 from tiny import named
 
 
@@ -126,7 +129,7 @@ def test_build_rows_order_values_and_missing():
     assert [r["stage"] for r in rows] == ["teacher", "gguf", "onnx"]
     assert rows[1]["name"] == "student GGUF Q4_K_M" and rows[1]["decode_tps"] == 80.0
     assert rows[2]["ppl"] is None and rows[2]["decode_tps"] is None
-    table = markdown_table(rows).splitlines()
+    table = markdown_table(text_table(rows)).splitlines()
     assert len(table) == 2 + 3
     assert table[2].startswith("| teacher | 1.5M | 6.0 | – | – | – | 100.0 | 20.0 | – | 250 | 300 |")
     assert table[4] == "| onnx | 1.0M | 0.9 | – | – | – | – | – | – | – | – |"  # params and size only
@@ -135,7 +138,7 @@ def test_build_rows_order_values_and_missing():
 def test_failed_bench_shows_missing_speeds():
     row = build_rows({"prune": QUALITY["prune"]}, {}, SPEEDS)[0]
     assert row["bench_error"].endswith("boom") and row["prefill_tps"] is None
-    assert markdown_table([row]).splitlines()[2].endswith("| – | – | – | – |")
+    assert markdown_table(text_table([row])).splitlines()[2].endswith("| – | – | – | – |")
 
 
 def test_labels():

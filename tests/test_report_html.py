@@ -10,7 +10,11 @@ import subprocess
 
 import pytest
 
-from pistill.report import ReportConfig, device_report, device_row, history, report_data, run, snapshot
+from pistill.report import ReportConfig, run
+from pistill.report_gather import device_report, device_row, history, report_data, snapshot
+from pistill.report_html import render_html
+from pistill.report_md import render_markdown
+from pistill.report_table import device_tables
 from test_report import pipeline, write_artifact  # noqa: F401 (fixture)
 from tiny import named
 
@@ -92,6 +96,21 @@ def test_markdown_devices_section(fleet_run, tmp_path):
     assert "- warning: no ARM dot product (asimddp), as on a Pi 4: export Q4_K_M" in md
 
 
+def test_device_tables_are_what_both_documents_show(fleet_run):
+    """One prepared table per device: the Markdown and the HTML lay out the same header and cells."""
+    report = report_data(named(fleet_run))
+    report["rows"] = report["rows"][:1]  # fewer charts to draw
+    pi5, pi4, pi3 = device_tables(report["devices"])
+    assert pi5.table.header[:5] == ("model", "threads", "prefill tok/s", "decode tok/s", "× teacher")
+    assert pi5.table.rows[1][:5] == ("student GGUF Q4_K_M", "4", "200.0", "40.0", "4.00")
+    assert pi4.failed == [("student GGUF Q4_K_M", "agent: error: llama_cpp failed on m: boom")]
+    assert pi3.table is None and pi3.failed == [] and pi3.error.endswith("timed out")
+    md, page = render_markdown(report), render_html(report)
+    for row in pi5.table.rows + pi4.table.rows:
+        assert "| " + " | ".join(row) + " |" in md
+        assert f"<tr><td>{row[0]}</td>" + "".join(f'<td class="n">{c}</td>' for c in row[1:]) + "</tr>" in page
+
+
 def test_history_across_reruns_and_sibling_runs(pipeline, tmp_path):  # noqa: F811 (fixture)
     runs = tmp_path / "runs"
     first = run(named(pipeline), ReportConfig(formats=["json"]), runs / "a" / "report")
@@ -143,8 +162,6 @@ def test_html_is_one_self_contained_file(html_report):
 
 
 def test_html_escapes_what_it_shows(fleet_run, tmp_path):
-    from pistill.report_html import render_html
-
     report = report_data(named(fleet_run))
     report["devices"][2]["error"] = "<img src=x onerror=alert(1)>"
     report["rows"] = report["rows"][:1]  # fewer charts to draw

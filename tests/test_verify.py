@@ -30,7 +30,7 @@ def reference(tiny_model):
 
 @pytest.fixture(scope="module")
 def f32_gguf(tiny_model, tmp_path_factory):
-    from pistill.export.gguf import write_gguf
+    from pistill.export.gguf_convert import write_gguf
 
     return write_gguf(tiny_model, tmp_path_factory.mktemp("verify") / "model-f32.gguf", "f32")
 
@@ -64,7 +64,7 @@ def test_uniform_layers_pass(tiny_model):
     (0, {"num_hidden_layers": 3}, "num_hidden_layers = 3"),
 ])
 def test_non_uniform_layers_fail_both_exporters_before_writing(tiny_model, tmp_path, ffn, config, match):
-    from pistill.export.gguf import write_gguf
+    from pistill.export.gguf_convert import write_gguf
     from pistill.export.onnx import ONNXConfig, export
 
     folder = reshaped(tiny_model, tmp_path / "bad", ffn=ffn, config=config)

@@ -85,7 +85,7 @@ def test_package_data_ships_the_tasks(tmp_path):
 def models(tiny_model, tiny_teacher, tmp_path_factory):
     """Model artifacts of every format, one holding two GGUF files, one bitsandbytes folder, one broken file."""
     from pistill.export import onnx
-    from pistill.export.gguf import write_gguf
+    from pistill.export.gguf_convert import write_gguf
 
     root = tmp_path_factory.mktemp("eval")
     gguf = model_artifact(root, "gguf", "gguf", lambda d: write_gguf(tiny_model, d / "m.gguf", "f32").name)

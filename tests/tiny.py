@@ -84,7 +84,7 @@ def gguf_baseline(root: Path, model: Path, files: dict[str, tuple[str, str]], ou
     """A baseline artifact holding one GGUF of `model` per entry of `files` ({model key: (file name, quant label)},
     the first entry its main model), as the baseline stage lays them out; returns the Artifact."""
     from pistill.artifact import ArtifactWriter
-    from pistill.export.gguf import write_gguf
+    from pistill.export.gguf_convert import write_gguf
 
     with ArtifactWriter(root / "baseline", "baseline", FakeConfig(), []) as w:
         for name, _ in files.values():

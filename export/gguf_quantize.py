@@ -1,0 +1,87 @@
+"""GGUF quantization: a GGUF file to a llama.cpp quant type (`llama_model_quantize`), with an importance matrix."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from pistill.errors import InputError, UserError
+
+from .imatrix import LlamaImatrix
+
+log = logging.getLogger(__name__)
+
+QUANT_FTYPES: dict[str, int] = {  # quant type -> llama_ftype in llama.h (llama_cpp.LLAMA_FTYPE_MOSTLY_<name>)
+    "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12,
+    "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+}
+QK_K = 256  # k-quant super-block width; llama.cpp quantizes narrower rows with a legacy type instead
+
+
+class QuantizeError(UserError, RuntimeError):
+    """llama.cpp could not quantize a GGUF file (its last log lines say why)."""
+
+
+def check_quant(quant: str) -> int:
+    """The llama_ftype of a quant type name, or a ValueError listing the valid names."""
+    if quant not in QUANT_FTYPES:
+        raise InputError(f"quant type '{quant}' is unknown; valid: {', '.join(QUANT_FTYPES)}")
+    return QUANT_FTYPES[quant]
+
+
+def narrow_rows(path: Path, block: int = QK_K) -> int:
+    """How many 2-D tensors have rows (ne0) not a multiple of `block`: k-quants fall back for them."""
+    import gguf
+
+    return sum(1 for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1 and int(t.shape[0]) % block)
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, imatrix: LlamaImatrix | None = None) -> Path:
+    """Quantize a GGUF with llama.cpp (`llama_model_quantize`), through `<dst>.tmp` renamed when complete."""
+    import ctypes
+
+    import llama_cpp
+
+    from pistill.llama_build import ensure_works
+
+    ensure_works()  # a crashing build stops here with one line, before anything is written
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = check_quant(quant)
+    params.nthread = threads or os.cpu_count() or 1
+    if imatrix is not None:
+        imatrix.apply(params)
+    if "_K" in quant and (n := narrow_rows(src)):
+        log.warning("%s: %d tensors have rows not a multiple of %d; llama.cpp quantizes them with a fallback type",
+                    quant, n, QK_K)
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    with tempfile.TemporaryDirectory() as logdir:
+        with _stderr_to(Path(logdir) / "quantize.log"):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        llama_log = (Path(logdir) / "quantize.log").read_text(errors="replace").strip().splitlines()
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise QuantizeError(f"llama.cpp failed to quantize {src} to {quant} (return code {rc}): "
+                            + " | ".join(llama_log[-3:]) + "; check the free disk space or try another [gguf] quants")
+    os.replace(tmp, dst)
+    log.info("quantized %s -> %s", quant, dst)
+    return dst
+
+
+@contextmanager
+def _stderr_to(path: Path):
+    """Point the process's stderr (fd 2, where llama.cpp logs a line per tensor) at a file for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
