@@ -17,7 +17,7 @@ from typing import ClassVar
 from pistill.artifact import Artifact, ArtifactWriter
 
 from . import fleet
-from .local import BenchInterrupted, bench_here, interrupted_lines, models
+from .local import BenchInterrupted, bench_here, bench_keys, interrupted_lines
 from .protocol import summary
 from .target import LOCAL, check_spec
 
@@ -52,6 +52,10 @@ class BenchConfig:
     # has the aarch64 toolchain, else on the device)
     llama_cpp_build: str = "auto"
     hf_on_device: str = "gguf"  # HF models on a device: "gguf" (as the GGUF artifact's quant), "torch", "skip"
+    # also time the teacher's GGUF of the student's type (the baseline file) decoding with the student's GGUF as
+    # its draft (speculative decoding, bench.json key "speculative")
+    speculative: bool = False
+    draft_k: int = 4  # with `speculative`: draft tokens per teacher pass at first (adapts in 1 .. max(8, draft_k))
 
     def __post_init__(self):
         self._check_targets()
@@ -59,7 +63,7 @@ class BenchConfig:
             raise ValueError(f"prompt_tokens {self.prompt_tokens} must be positive integers, e.g. [64] or [32, 128]")
         if any(not isinstance(n, int) or n < 1 for n in self.thread_sweep):
             raise ValueError(f"thread_sweep {self.thread_sweep} must be positive integers, e.g. [1, 4]")
-        for name in ("threads", "gen_tokens", "repeats", "timeout_s"):
+        for name in ("threads", "gen_tokens", "repeats", "timeout_s", "draft_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
         for name in ("warmup", "cooldown_s", "bandwidth_mb"):
@@ -124,7 +128,7 @@ def bench_local(inputs: list[Artifact], cfg: BenchConfig, progress) -> dict[str,
     try:
         return bench_here(inputs, cfg, progress, device)["results"]
     except KeyboardInterrupt:
-        for line in interrupted_lines({LOCAL: device}, [key for key, _ in models(inputs)]):
+        for line in interrupted_lines({LOCAL: device}, bench_keys(inputs, cfg)):
             log.warning("bench interrupted: %s", line)
         raise BenchInterrupted({LOCAL: device}) from None
 
@@ -139,9 +143,9 @@ def primary(devices: dict[str, dict]) -> str:
 
 
 def run(inputs: Mapping[str, Artifact], cfg: BenchConfig, out: Path) -> Artifact:
-    """Bench each model of the model artifacts (teacher ... baseline, `models`) and write `bench.json` ({key: agent
-    JSON}); for SSH targets also `devices.json` ({target: {facts, results, error}}), with `bench.json` the first good
-    device's."""
+    """Bench each model of the model artifacts (teacher ... baseline, `models`; with `speculative`, also the teacher's
+    GGUF with the student's as its draft, `local.bench_keys`) and write `bench.json` ({key: agent JSON}); for SSH
+    targets also `devices.json` ({target: {facts, results, error}}), with `bench.json` the first good device's."""
     fleet_specs = cfg.fleet()
     bars = fleet_specs != [LOCAL]
     with ArtifactWriter(out, "bench", cfg, inputs) as w, _progress(bars) as progress:  # inside: wall_s is the bench

@@ -25,7 +25,8 @@ from pistill.models import is_bitsandbytes
 from pistill.registry import register
 
 from . import doctor, provision, transfer
-from .local import BenchInterrupted, bench_here, interrupted_lines, log_result, models
+from .local import (SPECULATIVE, BenchInterrupted, bench_here, bench_keys, interrupted_lines, log_result, models,
+                    speculative_pair, student_gguf)
 from .protocol import AGENT, AGENT_FILES, agent_args, summary, time_model
 from .runners import POLL_S, SSHRunner
 from .target import LOCAL, Interrupted, TargetError, connect, parse_target
@@ -46,13 +47,14 @@ class Job:
     model: str  # relative to the tree: a file name, or "." for the folder itself
     sha256s: dict[str, str] = field(default_factory=dict)  # the files' hashes, read now (see `fresh_hashes`)
     note: str | None = None  # e.g. "as GGUF Q4_0" when converted for the device
+    draft: str | None = None  # relative to the tree: the draft GGUF the model decodes with (speculative)
 
 
 def device_quant(inputs: list[Artifact]) -> str:
     """The llama.cpp type HF models are converted to: the GGUF artifact's model type."""
     from pistill.export.gguf import gguf_quant
 
-    gguf = next((a for a in inputs if a.stage == "gguf" and a.model), None)  # the student's, not the baseline
+    gguf = student_gguf(inputs)
     return (gguf_quant(gguf.manifest) if gguf else None) or DEFAULT_QUANT
 
 
@@ -127,6 +129,16 @@ def hf_job(a: Artifact, fmt: Format, cfg, quant: str) -> Job:
                note=f"as {gguf.label} {quant}")
 
 
+def speculative_job(inputs: list[Artifact], cfg) -> Job:
+    """The teacher's GGUF of the student's type with the student's GGUF as its draft (`local.speculative_pair`): one
+    tree of both files, each checked against its own manifest's hash."""
+    gguf = get_format("gguf")
+    teacher, draft = (file_job(a, gguf, cfg, "") for a in speculative_pair(inputs))
+    name = draft.model if draft.model != teacher.model else f"draft-{draft.model}"
+    return Job(SPECULATIVE, teacher.runtime, {**teacher.files, name: draft.files[draft.model]}, teacher.model,
+               {**teacher.sha256s, name: draft.sha256s[draft.model]}, draft=name)
+
+
 def manifest_hashes(a: Artifact) -> dict[str, str]:
     """{file relative to the artifact: sha256} as the artifact's manifest lists them."""
     return {name: f["sha256"] for name, f in a.manifest.get("files", {}).items()}
@@ -141,11 +153,12 @@ def _rebase(known: dict[str, str], root: Path, folder: Path) -> dict[str, str]:
 
 
 def make_jobs(inputs: list[Artifact], cfg) -> dict[str, Job | dict]:
-    """A Job per model artifact, or `{"error": ...}` for one that cannot go to a device."""
-    quant, jobs = device_quant(inputs), {}
-    for key, a in models(inputs):
+    """A Job per model artifact (and the speculative pair's, `bench_keys`), or `{"error": ...}` for one that cannot
+    go to a device."""
+    quant, jobs, views = device_quant(inputs), {}, dict(models(inputs))
+    for key in bench_keys(inputs, cfg):
         try:
-            jobs[key] = make_job(a, cfg, quant)
+            jobs[key] = speculative_job(inputs, cfg) if key == SPECULATIVE else make_job(views[key], cfg, quant)
         except (ValueError, RuntimeError, OSError) as e:  # no model, unknown format, conversion failed
             jobs[key] = {"error": str(e)}
     return jobs
@@ -157,7 +170,8 @@ def bench_job(conn, job: Job, agent_dir: str, plan: provision.Plan, cfg, progres
     tree, ups = transfer.upload_tree(conn, job.files, cfg.remote_cache, progress, job.sha256s)
     device["uploaded_bytes"] += sum(u.sent for u in ups)
     model = tree if job.model == "." else f"{tree}/{job.model}"
-    argv = [plan.python, f"{agent_dir}/agent.py", *agent_args(job.runtime, model, cfg)]
+    draft = f"{tree}/{job.draft}" if job.draft else None
+    argv = [plan.python, f"{agent_dir}/agent.py", *agent_args(job.runtime, model, cfg, draft)]
     out = time_model(SSHRunner(conn, plan.env), argv, job.runtime, cfg.timeout_s)
     return {**out, "device_format": job.note} if job.note and "error" not in out else out
 
@@ -219,7 +233,7 @@ def _on_device(conn, jobs, cfg, device: dict, progress, task) -> None:
 
 def bench_this_machine(inputs: list[Artifact], cfg, progress, device: dict, stop: threading.Event) -> dict:
     """`local` inside a fleet: this machine's doctor facts, then its models as with `target = "local"`."""
-    task = progress.add_task("local: bench", total=len(models(inputs)))
+    task = progress.add_task("local: bench", total=len(bench_keys(inputs, cfg)))
     device["facts"] = doctor.probe(None, cfg.remote_cache, sys.executable)
     bench_here(inputs, cfg, progress, device, stop, task)
     progress.update(task, description=_device_line(LOCAL, device))
@@ -243,7 +257,7 @@ def bench_fleet(inputs: list[Artifact], cfg, specs: list[str], progress) -> dict
             f.result()  # a bug in a device's thread surfaces here
     except KeyboardInterrupt:
         stop.set()
-        raise BenchInterrupted(_stopped(devices, futures, [key for key, _ in models(inputs)])) from None
+        raise BenchInterrupted(_stopped(devices, futures, bench_keys(inputs, cfg))) from None
     finally:
         pool.shutdown(wait=False)
     if all("error" in d for d in devices.values()):

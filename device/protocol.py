@@ -21,19 +21,20 @@ class AgentTimeout(Exception):
     """The agent ran past its limit and was stopped."""
 
 
-def agent_args(runtime: str, model: str | Path, cfg) -> list[str]:
+def agent_args(runtime: str, model: str | Path, cfg, draft: str | Path | None = None) -> list[str]:
     """The agent's arguments (the same here and on a device) from a BenchConfig; the first thread count is the
-    headline."""
+    headline. With `draft`, the model decodes speculatively with that draft GGUF (`cfg.draft_k` at first)."""
     threads = [cfg.threads] + [n for n in dict.fromkeys(cfg.thread_sweep) if n != cfg.threads]
     return ["--runtime", runtime, "--model", str(model), "--threads", ",".join(map(str, threads)),
             "--prompt-tokens", ",".join(map(str, cfg.prompt_tokens)), "--gen-tokens", str(cfg.gen_tokens),
             "--repeats", str(cfg.repeats), "--warmup", str(cfg.warmup), "--cooldown-s", f"{cfg.cooldown_s:g}",
-            "--bandwidth-mb", str(cfg.bandwidth_mb)]
+            "--bandwidth-mb", str(cfg.bandwidth_mb)] + (
+        ["--draft", str(draft), "--draft-k", str(cfg.draft_k)] if draft is not None else [])
 
 
-def agent_command(runtime: str, model: str | Path, cfg) -> list[str]:
+def agent_command(runtime: str, model: str | Path, cfg, draft: str | Path | None = None) -> list[str]:
     """The agent's command line on this machine (this python, the agent file beside this module)."""
-    return [sys.executable, str(AGENT), *agent_args(runtime, model, cfg)]
+    return [sys.executable, str(AGENT), *agent_args(runtime, model, cfg, draft)]
 
 
 def failure(rc: int, stderr: str) -> str:

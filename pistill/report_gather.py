@@ -1,11 +1,12 @@
 """The report's data: every model's size, quality and speed, per device too, the verdict and the history, gathered
 from the pipeline's artifacts into one JSON-ready dict (`report_data`); no rendering.
 
-Rows: the teacher and its own GGUF files (baseline), then the pipeline's models; quality from each model's
-held-out metrics and the eval stage's zero-shot accuracy, speed from the bench, the speed-up over the teacher's model
-of the same runtime and number format, and the front of non-dominated models (`front`). Also per device (SSH
-fleets: `devices.json` of the bench artifact) with the same speed-up on that board, and the history of earlier
-reports (this run folder's previous report and sibling run folders').
+Rows: the teacher and its own GGUF files (baseline), then the pipeline's models, then (`[bench] speculative`) the
+teacher's GGUF decoding with the student GGUF as its draft; quality from each model's held-out metrics and the eval
+stage's zero-shot accuracy, speed from the bench, the speed-up over the teacher's model of the same runtime and
+number format, and the front of non-dominated models (`front`). Also per device (SSH fleets: `devices.json` of the
+bench artifact) with the same speed-up on that board, and the history of earlier reports (this run folder's previous
+report and sibling run folders').
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from .report_table import busy_warning, table_columns
 from .zeroshot import read_eval
 
 SCHEMA_VERSION = 3  # 2: devices, history; 3: baseline rows, zero-shot accuracy, speed-up by runtime and type, front
-LABELS = {s.name: s.label for s in STAGES if s.label}  # model stage -> row name ({kind}: number format)
+SPECULATIVE = "speculative"  # bench.json's key (device/local.py) of the teacher's GGUF with the student's as draft
+LABELS = {s.name: s.label for s in STAGES if s.label} | {  # model stage -> row name ({kind}: number format)
+    SPECULATIVE: "teacher GGUF {kind} + student draft (speculative)"}
 LEADING = ("teacher", "baseline")  # the teacher and its own GGUF files head the table
 MODEL_STAGES = LEADING + tuple(s for s in LABELS if s not in LEADING)  # rows, then in pipeline order
 QUALITY = ("params", "bytes", "ppl", "agreement", "kl")  # from each model artifact's metrics
@@ -85,7 +88,8 @@ def bnb_method(manifest: dict) -> str | None:
 
 
 KINDS: dict[str, Callable[[dict], str | None]] = {  # stage -> the number format of its model, from its manifest
-    "gguf": gguf_quant, "baseline": model_quant, "onnx": onnx_precision, "quantize": bnb_method}
+    "gguf": gguf_quant, "baseline": model_quant, "onnx": onnx_precision, "quantize": bnb_method,
+    SPECULATIVE: gguf_quant}  # of the gguf artifact's manifest: the teacher file of the student's type
 
 
 def number_format(stage: str, manifest: dict) -> str:
@@ -96,7 +100,7 @@ def number_format(stage: str, manifest: dict) -> str:
 def model_label(stage: str, manifest: dict) -> str:
     """The row name; export rows name their number format, read from the manifest (e.g. GGUF Q4_K_M)."""
     kind = number_format(stage, manifest) if "{kind}" in LABELS.get(stage, "") else ""
-    return LABELS.get(stage, stage).format(kind=kind).strip()
+    return " ".join(LABELS.get(stage, stage).format(kind=kind).split())
 
 
 def run_format(fmt: str | None, kind: str, result: dict | None) -> tuple[str | None, str]:
@@ -145,8 +149,30 @@ def rows_from_artifacts(by_stage: dict[str, Artifact], speeds: dict[str, dict],
         kind = number_format(r["stage"], view.manifest)
         r["runtime"], r["kind"] = run_format((view.model or {}).get("format"), kind, speeds.get(r["key"]))
         r["zeroshot"], r["eval_note"] = zeroshot_of(((evals or {}).get("models") or {}).get(r["key"]))
+    if SPECULATIVE in speeds:
+        rows.append(speculative_row(rows, speeds[SPECULATIVE], student_manifest(by_stage)))
     front.add_speedups(rows)
     return rows
+
+
+def student_manifest(by_stage: dict[str, Artifact]) -> dict:
+    """The gguf artifact's manifest (the student GGUF: the speculative row's draft and number format), {} without."""
+    return by_stage["gguf"].manifest if "gguf" in by_stage else {}
+
+
+def speculative_row(rows: list[dict], result: dict, student: dict) -> dict:
+    """The bench's speculative result (`student`: the gguf manifest) as a row: its own speeds; the number format of
+    the student GGUF, which is the teacher file's; size both files; quality that teacher file's (`quality_from`), as
+    the output is that file's greedy output; the agent's `speculative` block (acceptance, tokens per step ...)."""
+    kind = number_format(SPECULATIVE, student)
+    teacher = next((r for r in rows if r["stage"] == "baseline" and r["kind"] == kind), {})
+    spec = result.get("speculative") or {}
+    files = [(result.get("model") or {}).get("bytes"), (spec.get("draft") or {}).get("bytes")]
+    metrics = {k: teacher.get(k) for k in ("ppl", "agreement", "kl")} | {"bytes": None if None in files else sum(files)}
+    row = model_row(SPECULATIVE, model_label(SPECULATIVE, student), metrics, result)
+    row["runtime"], row["kind"] = run_format("gguf", kind, result)
+    row["zeroshot"], row["eval_note"] = teacher.get("zeroshot") or {}, None
+    return row | {"quality_from": teacher.get("name"), "speculative": spec or None}
 
 
 def stage_facts(a: Artifact) -> dict:
@@ -220,7 +246,7 @@ def device_row(key: str, label: str, result: dict) -> dict:
         "throttled": (th.get("after") or {}).get("throttled_flags"),
         "load": result.get("load"), "busy": (result.get("load") or {}).get("busy"),
         "sweep": [{k: e.get(k) for k in ("threads", "prefill_tps", "decode_tps")} for e in result.get("sweep", [])],
-    }
+    } | ({"speculative": result["speculative"]} if result.get("speculative") else {})
 
 
 def device_report(target: str, device: dict, labels: dict[str, str], kinds: dict[str, str] | None = None) -> dict:
@@ -278,8 +304,10 @@ def report_data(inputs: Mapping[str, Artifact], out: Path | None = None, with_hi
     by_stage = dict(inputs)
     speeds, evals = read_speeds(by_stage.get("bench")), read_eval(by_stage.get("eval"))
     rows = rows_from_artifacts(by_stage, speeds, evals)
-    labels = {r["key"]: r["name"] for r in rows}
+    student = student_manifest(by_stage)
+    labels = {SPECULATIVE: model_label(SPECULATIVE, student)} | {r["key"]: r["name"] for r in rows}
     kinds = {k: number_format(stage_of(k), v.manifest) for k, v in model_views(by_stage).items()}
+    kinds[SPECULATIVE] = number_format(SPECULATIVE, student)
     devices = read_devices(by_stage.get("bench"), speeds)
     tasks = evals.get("tasks") or {}
     report = {

@@ -8,7 +8,7 @@ import io
 import math
 
 from .report_table import (MISSING, DeviceTable, Table, device_tables, eval_notes, failures, models_table,
-                           toml_block, verdict, zeroshot_about, zeroshot_table)
+                           speculative_notes, toml_block, verdict, zeroshot_about, zeroshot_table)
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px}
@@ -204,6 +204,10 @@ def html_table(table: Table) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def notes_html(notes: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>" if notes else ""
+
+
 def errors_html(failed: list[tuple[str, str]]) -> str:
     items = "".join(f"<li><b>{e(name)}</b> failed: {e(err)}</li>" for name, err in failed)
     return f'<ul class="err">{items}</ul>' if items else ""
@@ -215,6 +219,7 @@ DEVICE_PARTS = {  # DeviceTable part -> HTML
     "error": lambda err: f'<p class="err"><b>device failed:</b> {e(err)}</p>',
     "warnings": lambda warnings: '<ul class="warn">' + "".join(f"<li>{e(w)}</li>" for w in warnings) + "</ul>",
     "table": html_table,
+    "notes": notes_html,
     "failed": errors_html,
 }
 
@@ -248,7 +253,8 @@ def render_html(report: dict) -> str:
     imgs = "".join(img(t, b) for t, b in charts(report).items())
     bench, bench_failed = report.get("bench") or {}, failures(report["rows"], "bench_error")
     body = [
-        "<h1>pistill report</h1>", html_table(models_table(report)), errors_html(bench_failed),
+        "<h1>pistill report</h1>", html_table(models_table(report)), notes_html(speculative_notes(report["rows"])),
+        errors_html(bench_failed),
         f"<p>benchmark target: {e(bench.get('target') or MISSING)}</p>",
         "<h2>Charts</h2>", front_html(report), imgs or "<p>no figures to chart</p>",
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .report_table import (MISSING, DeviceTable, Table, busy_warning, device_tables, eval_notes, models_table,
-                           toml_block, verdict, zeroshot_about, zeroshot_table)
+                           speculative_notes, toml_block, verdict, zeroshot_about, zeroshot_table)
 
 
 def markdown_table(table: Table) -> str:
@@ -55,12 +55,17 @@ def bench_lines(bench: dict) -> str:
     return "\n".join(lines)
 
 
+def notes_markdown(notes: list[str]) -> str:
+    return "\n".join(f"- {n}" for n in notes)
+
+
 DEVICE_PARTS = {  # DeviceTable part -> Markdown
     "heading": lambda target: f"### {target}",
     "summary": str,
     "error": lambda err: f"**device failed**: {err}",
     "warnings": lambda warnings: "\n".join(f"- warning: {w}" for w in warnings),
     "table": markdown_table,
+    "notes": notes_markdown,
     "failed": lambda failed: "\n\n".join(f"- **{name} failed**: {err}" for name, err in failed),
 }
 
@@ -90,7 +95,10 @@ def zeroshot_markdown(report: dict) -> str:
 
 def render_markdown(report: dict) -> str:
     """report.md from the gathered report (`report_gather.report_data`)."""
-    parts = ["# pistill report", markdown_table(models_table(report)), "## Quality vs speed", front_lines(report)]
+    parts = ["# pistill report", markdown_table(models_table(report))]
+    if notes := speculative_notes(report["rows"]):
+        parts.append(notes_markdown(notes))
+    parts += ["## Quality vs speed", front_lines(report)]
     if report.get("tasks"):
         parts += ["## Zero-shot accuracy", zeroshot_markdown(report)]
     parts += [

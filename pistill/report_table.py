@@ -115,9 +115,34 @@ def models_table(report: dict) -> Table:
     return text_table(report["rows"], table_columns(report.get("tasks") or {}))
 
 
+def speculative_notes(rows: list[dict]) -> list[str]:
+    """Under a table, per timed speculative row (the teacher's GGUF with the student's as its draft): acceptance,
+    mean accepted length and tokens per teacher pass, the speed-up's reference, and (main table: the row has
+    `quality_from`) what its size and quality cells hold."""
+    notes, two, one = [], _num(".2f"), _num(".1f")
+    for r in rows:
+        if "speculative" not in r or r.get("bench_error") or r.get("error"):
+            continue
+        s = r["speculative"] or {}
+        note = f"{r['name']}: the teacher file decodes greedily, the student GGUF proposing its tokens"
+        if s:
+            note += (f"; {cell(s.get('acceptance_rate'), two)} of the drafted tokens accepted (alpha "
+                     f"{cell(s.get('alpha'), two)}), mean accepted length {cell(s.get('mean_accepted'), two)} draft "
+                     f"tokens and {cell(s.get('tokens_per_step'), two)} tokens out per teacher pass (mean k "
+                     f"{cell(s.get('mean_k'), one)})")
+        if r.get("speedup_vs"):
+            note += f"; × teacher is over {r['speedup_vs']} alone"
+        if "quality_from" in r:
+            note += (f". Its output is {r['quality_from'] or 'the teacher file'}'s, so its quality cells are that "
+                     "file's; its size is both files")
+        notes.append(note + ".")
+    return notes
+
+
 @dataclass(frozen=True)
 class DeviceTable:
-    """One device's section: the board in one line, why it failed or warns, its table, and its failed models."""
+    """One device's section: the board in one line, why it failed or warns, its table and the notes under it, and
+    its failed models."""
 
     target: str
     summary: str
@@ -125,12 +150,13 @@ class DeviceTable:
     warnings: list[str]
     table: Table | None  # None when no model ran there
     failed: list[tuple[str, str]]  # (model name, error)
+    notes: list[str]  # under the table: the speculative row's acceptance (`speculative_notes`)
 
     def parts(self) -> list[tuple[str, object]]:
         """(part, content) in the order both documents show them, empty ones left out: "heading" (the target),
-        "summary", "error", "warnings", "table", "failed"."""
+        "summary", "error", "warnings", "table", "notes", "failed"."""
         parts = (("heading", self.target), ("summary", self.summary), ("error", self.error),
-                 ("warnings", self.warnings), ("table", self.table), ("failed", self.failed))
+                 ("warnings", self.warnings), ("table", self.table), ("notes", self.notes), ("failed", self.failed))
         return [(k, v) for k, v in parts if v]
 
 
@@ -154,7 +180,8 @@ def device_summary(dev: dict) -> str:
 def device_tables(devices: list[dict]) -> list[DeviceTable]:
     """The report's `devices` as sections ready to lay out."""
     return [DeviceTable(d["target"], device_summary(d), d.get("error"), d.get("warnings") or [],
-                        text_table(d["rows"], DEVICE_COLUMNS) if d["rows"] else None, failures(d["rows"], "error"))
+                        text_table(d["rows"], DEVICE_COLUMNS) if d["rows"] else None, failures(d["rows"], "error"),
+                        speculative_notes(d["rows"]))
             for d in devices]
 
 

@@ -32,6 +32,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def tiny_pair(tiny_model, tmp_path_factory):
+    """What `[bench] speculative` reads: a baseline artifact with the tiny model as an F32 GGUF (type F32, the
+    teacher) and a gguf artifact with its first layer alone as an F32 GGUF (the student, type F32: the draft)."""
+    from tiny import first_layers, gguf_baseline, gguf_student
+
+    root = tmp_path_factory.mktemp("pair")
+    student = gguf_student(root, first_layers(tiny_model, root / "student-hf"))
+    return [gguf_baseline(root, tiny_model, {"baseline": ("teacher-F32.gguf", "F32")}), student]
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher(tiny_model, tmp_path_factory):
     """The tiny model as a `teacher` artifact."""
     from pistill.teacher import TeacherConfig, run

@@ -63,6 +63,7 @@ def broken(tmp_path):
     ({"repeats": 0}, "repeats = 0"),
     ({"warmup": -1}, "warmup = -1"),
     ({"timeout_s": 0}, "timeout_s = 0"),
+    ({"speculative": True, "draft_k": 0}, "draft_k = 0 must be at least 1"),
 ])
 def test_config_rejects(changes, message):
     with pytest.raises(ValueError) as err:
@@ -72,7 +73,8 @@ def test_config_rejects(changes, message):
 
 @pytest.mark.parametrize("cfg", [BenchConfig(), QUICK, BenchConfig(prompt_tokens=[32, 128], warmup=0),
                                  BenchConfig(targets=["pi@pi5.local", "pi4"], thread_sweep=[1, 4], hf_on_device="torch",
-                                             python="/usr/bin/python3", llama_cpp_lib="/opt/llama")])
+                                             python="/usr/bin/python3", llama_cpp_lib="/opt/llama"),
+                                 BenchConfig(speculative=True, draft_k=2)])
 def test_config_round_trip(cfg):
     d = config_dict(cfg)
     assert d.pop("version") == BenchConfig.VERSION

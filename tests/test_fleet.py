@@ -344,3 +344,32 @@ def test_a_job_for_every_model_of_an_artifact(tiny_model, tmp_path):
     assert list(jobs) == ["baseline", "baseline:Q8_0"]
     assert [j.model for j in jobs.values()] == ["teacher-Q4_0.gguf", "teacher-Q8_0.gguf"]
     assert jobs["baseline:Q8_0"].sha256s["teacher-Q8_0.gguf"] == art.manifest["files"]["teacher-Q8_0.gguf"]["sha256"]
+
+
+def test_speculative_pair_on_a_device(tiny_pair, tiny_model, lab, tmp_path):
+    """`speculative = true` on an SSH device: one job, the teacher's file and the student's in one tree (hashed),
+    run by the agent with --draft there; the report's device section has the row with its speed-up."""
+    from pistill.report_gather import report_data
+    from tiny import gguf_baseline
+
+    up, _ = lab
+    baseline, student = tiny_pair
+    cfg = quick(tmp_path, target=up.spec, speculative=True)
+    job = fleet.make_jobs(tiny_pair, cfg)["speculative"]
+    assert job.files == {"teacher-F32.gguf": baseline.model_path(), "model-f32.gguf": student.model_path()}
+    assert (job.runtime, job.model, job.draft) == ("llama_cpp", "teacher-F32.gguf", "model-f32.gguf")
+    assert job.sha256s == {name: sha(path) for name, path in job.files.items()}
+    same_name = gguf_baseline(tmp_path, tiny_model, {"baseline": ("model-f32.gguf", "F32")})
+    assert fleet.make_jobs([same_name, student], cfg)["speculative"].draft == "draft-model-f32.gguf"
+
+    art = run(named(tiny_pair), cfg, tmp_path / "bench")
+    r = json.loads(art.file("devices.json").read_text())[up.spec]["results"]["speculative"]
+    teacher = Path(r["model"]["path"])
+    assert teacher.is_relative_to(tmp_path / "device-cache" / "trees") and teacher.name == "teacher-F32.gguf"
+    assert r["speculative"]["draft"]["path"] == str(teacher.with_name("model-f32.gguf"))
+    assert r["speculative"]["steps"] > 0 and 0 <= r["speculative"]["acceptance_rate"] <= 1 and r["decode_tps"] > 0
+    rows = {row["key"]: row for row in report_data(named([*tiny_pair, art]))["devices"][0]["rows"]}
+    assert list(rows) == ["baseline", "gguf", "speculative"]
+    assert rows["speculative"]["name"] == "teacher GGUF F32 + student draft (speculative)"
+    assert rows["speculative"]["speedup"] == pytest.approx(r["decode_tps"] / rows["baseline"]["decode_tps"])
+    assert rows["speculative"]["speculative"] == r["speculative"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from pistill.report_gather import build_rows, model_label, teacher_metrics
 from pistill.report_md import markdown_table
 from pistill.report_table import MISSING, cell, text_table
 from tiny import named
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -219,3 +222,70 @@ def test_config_round_trip(cfg):
     d = config_dict(cfg)
     assert d.pop("version") == ReportConfig.VERSION
     assert ReportConfig(**d) == cfg and dataclasses.asdict(cfg) == d
+
+
+def test_same_figures_finds_a_changed_figure_and_ignores_speeds(tmp_path):
+    """bench/same_figures.py: the before/after check of a refactor (size and quality per row; speeds vary)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("same_figures", ROOT / "bench" / "same_figures.py")
+    sf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sf)
+    row = {"name": "student", "params": 10, "bytes": 40, "ppl": 31.0, "agreement": 0.5, "kl": 0.2,
+           "decode_tps": 100.0, "zeroshot": {"piqa": {"n": 20, "acc": 0.6, "acc_norm": 0.55}}}
+    for name, rows in (("a", [row]), ("b", [{**row, "decode_tps": 90.0}]),
+                       ("c", [{**row, "zeroshot": {"piqa": {"n": 20, "acc": 0.6, "acc_norm": 0.5}}}])):
+        (tmp_path / name / "report").mkdir(parents=True)
+        (tmp_path / name / "report" / "report.json").write_text(json.dumps({"rows": rows}))
+    assert sf.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert sf.compare(sf.read_rows(tmp_path / "a"), sf.read_rows(tmp_path / "c")) == [
+        "student: piqa.acc_norm 0.55 -> 0.5"]
+    assert sf.main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+
+
+SPECULATIVE = {  # the agent's JSON with --draft: the teacher's Q4_K_M file with the student GGUF as its draft
+    "prefill_tps": 280.0, "decode_tps": 90.0, "ttft_s": 0.09, "peak_rss_mb": 110.0, "load_s": 0.2,
+    "runtime": {"name": "llama_cpp", "version": "2.x"}, "model": {"path": "teacher-Q4_K_M.gguf", "bytes": 1_200_000},
+    "speculative": {"acceptance_rate": 0.6, "alpha": 0.7, "mean_accepted": 2.4, "tokens_per_step": 3.4, "mean_k": 4.0,
+                    "draft": {"path": "m", "bytes": 800_000}}}
+
+
+def with_speculative(pipeline, tmp_path, result: dict) -> list:
+    """The fake pipeline with a bench artifact whose bench.json also holds `result` under "speculative"."""
+    old = next(a for a in pipeline if a.stage == "bench")
+    speeds = {**json.loads(old.file("bench.json").read_text()), "speculative": result}
+    bench = write_artifact(tmp_path, "bench", [], {}, files={"bench.json": json.dumps(speeds)})
+    return [a for a in pipeline if a.stage != "bench"] + [bench]
+
+
+def test_speculative_row(pipeline, tmp_path):
+    """The last row: its own speeds, × teacher over the teacher's file of the student's type, the teacher file's
+    quality (its output is that file's), both files' size; its acceptance in a note under the table; the front."""
+    art = run(named(with_speculative(pipeline, tmp_path, SPECULATIVE)), ReportConfig(formats=["md", "json"]),
+              tmp_path / "report")
+    report, md = json.loads(art.file("report.json").read_text()), art.file("report.md").read_text()
+    row = report["rows"][-1]
+    assert row["key"] == "speculative" and row["speculative"] == SPECULATIVE["speculative"]
+    assert row["speedup"] == 1.5 and row["speedup_vs"] == row["quality_from"] == "teacher GGUF Q4_K_M"
+    assert ("| teacher GGUF Q4_K_M + student draft (speculative) | – | 2.0 | 26.00 | 90.0 | 0.100 | 0.450 ± 0.022 | "
+            "0.650 ± 0.021 | 280.0 | 90.0 | 1.50 | 90 | 110 |") in md
+    assert ("\n\n- teacher GGUF Q4_K_M + student draft (speculative): the teacher file decodes greedily, the student "
+            "GGUF proposing its tokens; 0.60 of the drafted tokens accepted (alpha 0.70), mean accepted length 2.40 "
+            "draft tokens and 3.40 tokens out per teacher pass (mean k 4.0); × teacher is over teacher GGUF Q4_K_M "
+            "alone. Its output is teacher GGUF Q4_K_M's, so its quality cells are that file's; its size is both "
+            "files.\n\n## Quality vs speed") in md
+    assert report["front"]["front"] == ["teacher", "baseline:Q8_0", "speculative"]  # the teacher's quality, faster
+    assert report["front"]["sentence"].startswith("the student is 33% faster than the teacher's Q4_K_M")
+
+
+def test_speculative_row_error(pipeline, tmp_path):
+    """A bench that could not pair the files: the row shows its reason, no note, no crash."""
+    error = ("speculative: no teacher GGUF Q4_K_M (the student GGUF's type) to verify the drafts; there is no "
+             "baseline artifact: run the baseline stage with \"student\" in [baseline] quants")
+    art = run(named(with_speculative(pipeline, tmp_path, {"error": error})), ReportConfig(formats=["md", "json"]),
+              tmp_path / "report")
+    row = json.loads(art.file("report.json").read_text())["rows"][-1]
+    assert row["bench_error"] == error and row["decode_tps"] is None and row["speculative"] is None
+    md = art.file("report.md").read_text()
+    assert f"- **speculative failed**: {error}" in md and "drafted tokens accepted" not in md
+    assert "| teacher GGUF Q4_K_M + student draft (speculative) | – | – | 26.00 |" in md

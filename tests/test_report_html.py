@@ -185,3 +185,26 @@ def test_html_renders_in_headless_chromium(html_report, tmp_path):
     ink = (img[..., :3].mean(axis=2) < 0.5).mean(axis=1)  # dark pixels per row
     assert ink[:200].max() > 0.05  # the title and the table at the top
     assert (ink[600:] > 0.01).sum() > 500  # charts and device tables below, not a blank page
+
+
+def test_speculative_row_on_a_device_in_both_documents(pipeline, tmp_path):  # noqa: F811 (fixture)
+    """A device that timed the teacher's Q4_K_M file with and without the student as its draft: the row on that
+    board with its speed-up, and its acceptance under the main table and the device's, in Markdown and HTML."""
+    spec = {"acceptance_rate": 0.5, "alpha": 0.6, "mean_accepted": 1.5, "tokens_per_step": 2.5, "mean_k": 3.0,
+            "draft": {"path": "m", "bytes": 800_000}}
+    results = {**DEVICES["pi@pi5.local"]["results"], "baseline": agent_result(20.0, 60.0),
+               "speculative": {**agent_result(30.0, 55.0), "speculative": spec}}
+    devices = {"pi@pi5.local": {"facts": PI5_FACTS, "results": results}}
+    bench = write_artifact(tmp_path, "bench", pipeline[:1], {}, files={
+        "bench.json": json.dumps(results), "devices.json": json.dumps(devices)})
+    report = report_data(named([a for a in pipeline if a.stage != "bench"] + [bench]))
+    row = report["devices"][0]["rows"][-1]
+    assert row["name"] == "teacher GGUF Q4_K_M + student draft (speculative)" and row["speedup"] == pytest.approx(1.5)
+    assert row["speculative"] == spec and report["rows"][-1]["speculative"] == spec
+    note = ("teacher GGUF Q4_K_M + student draft (speculative): the teacher file decodes greedily, the student GGUF "
+            "proposing its tokens; 0.50 of the drafted tokens accepted (alpha 0.60), mean accepted length 1.50 draft "
+            "tokens and 2.50 tokens out per teacher pass (mean k 3.0); × teacher is over teacher GGUF Q4_K_M alone")
+    assert device_tables(report["devices"])[0].notes == [note + "."]  # no quality columns on a device
+    md, page = render_markdown(report), render_html(report)
+    assert md.count(f"- {note}") == 2 and page.count(f"<li>{note}") == 2
+    assert "| teacher GGUF Q4_K_M + student draft (speculative) | 4 | 55.0 | 30.0 | 1.50 |" in md

@@ -14,7 +14,7 @@ import pytest
 from pistill.device.runtimes import LlamaCppRuntime
 from pistill.device.speculative import DraftConfig, DraftError, SpeculativeDecoder, accepted_prefix, next_k
 from test_agent import AGENT, check_schema, run_agent
-from tiny import make_model
+from tiny import first_layers, make_model
 
 PROMPTS = ["The Raspberry Pi is", "def f(x):\n    return x +", "Hello world, this is a test of"]
 N = 40  # tokens generated per prompt
@@ -26,19 +26,14 @@ CONFIGS = [DraftConfig(k=1, adaptive=False), DraftConfig(k=3, adaptive=False), D
 def ggufs(tmp_path_factory):
     """F32 GGUF files: `teacher` (a tiny untied llama, whose greedy output varies; the tied one repeats a token),
     `student` (its first layer alone: a pruned teacher, agreeing on some tokens) and `other` (another vocabulary)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     from pistill.export.gguf_convert import write_gguf
 
     root = tmp_path_factory.mktemp("spec")
     teacher = make_model(root / "teacher", tie=False)
-    model = LlamaForCausalLM.from_pretrained(teacher)
-    model.model.layers, model.config.num_hidden_layers = model.model.layers[:1], 1
-    model.save_pretrained(root / "student")
-    AutoTokenizer.from_pretrained(teacher).save_pretrained(root / "student")
     other = make_model(root / "other", vocab_size=384, tie=False)
     return {name: write_gguf(folder, root / f"{name}.gguf", "f32")
-            for name, folder in (("teacher", teacher), ("student", root / "student"), ("other", other))}
+            for name, folder in (("teacher", teacher), ("student", first_layers(teacher, root / "student")),
+                                 ("other", other))}
 
 
 @pytest.fixture(scope="module")

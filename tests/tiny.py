@@ -95,6 +95,37 @@ def gguf_baseline(root: Path, model: Path, files: dict[str, tuple[str, str]], ou
     return w.artifact
 
 
+def first_layers(model: Path, out: Path, n_layer: int = 1) -> Path:
+    """`model`'s first `n_layer` layers with its tokenizer, as an HF folder: a pruned student that agrees with it on
+    some tokens (a draft for speculative decoding)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    pruned = LlamaForCausalLM.from_pretrained(model)
+    pruned.model.layers, pruned.config.num_hidden_layers = pruned.model.layers[:n_layer], n_layer
+    pruned.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return Path(out)
+
+
+@dataclass(frozen=True)
+class GGUFTypeConfig:
+    """The gguf stage's config fields that name its file's type (`export.gguf.gguf_quant`: no quants, the outtype)."""
+
+    outtype: str = "f32"
+    quants: tuple[str, ...] = ()
+
+
+def gguf_student(root: Path, model: Path, outtype: str = "f32"):
+    """A gguf artifact holding `model` as one GGUF file of `outtype`, typed as the gguf stage types it (F32 for f32);
+    returns the Artifact."""
+    from pistill.artifact import ArtifactWriter
+    from pistill.export.gguf_convert import write_gguf
+
+    with ArtifactWriter(root / "gguf", "gguf", GGUFTypeConfig(outtype), []) as w:
+        w.model = {"format": "gguf", "file": write_gguf(model, w.dir / f"model-{outtype}.gguf", outtype).name}
+    return w.artifact
+
+
 def named(artifacts) -> dict:
     """Artifacts of distinct stages as a stage's inputs: {stage: artifact}, in the order given."""
     return {a.stage: a for a in artifacts}
