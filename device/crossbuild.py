@@ -39,11 +39,13 @@ def machine(facts: dict) -> str | None:
     return "aarch64" if m in ("aarch64", "arm64") and facts.get("bits") != 32 else None
 
 
-def missing_toolchain(facts: dict) -> str | None:
-    """Why this machine cannot cross-build for the device, or None when it can."""
+def missing_toolchain(facts: dict, arch: str | None = "armv8-a") -> str | None:
+    """Why this machine cannot cross-build for the device (for `arch`, the board's GGML_CPU_ARM_ARCH), or None."""
     m = machine(facts)
     if m is None:
         return f"no cross build for a {facts.get('machine') or 'unknown'} device (only 64-bit ARM)"
+    if not arch:
+        return "the device's CPU features are unknown (no Features line in its /proc/cpuinfo)"
     if not (shutil.which(f"{TOOLCHAINS[m]}-gcc") and shutil.which(f"{TOOLCHAINS[m]}-g++")):
         return f"the {TOOLCHAINS[m]} compilers are not installed here (apt-get install {TOOLCHAIN_PACKAGES[m]})"
     if not shutil.which("cmake"):
@@ -65,9 +67,9 @@ def compiler_version(m: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else "?"
 
 
-def wheel(facts: dict, arch: str, version: str = LLAMA_CPP_VERSION) -> Path:
+def wheel(facts: dict, arch: str | None, version: str = LLAMA_CPP_VERSION) -> Path:
     """The device's llama-cpp-python wheel (built here once, then from the cache)."""
-    if why := missing_toolchain(facts):
+    if why := missing_toolchain(facts, arch):
         raise CrossBuildError(f"cannot build llama.cpp for the device here: {why}; or set "
                               "[bench] llama_cpp_build = \"device\" to build it on the device")
     m = machine(facts)

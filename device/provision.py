@@ -113,14 +113,13 @@ def llama_wheel(conn: Connection, facts: dict, mode: str, llama_cpp_lib: str) ->
     """The cross-built llama-cpp-python wheel for this device, or None to build on the device."""
     if mode == "device" or llama_cpp_lib:  # with the user's own libllama.so only the bindings are built there
         return None
-    why = crossbuild.missing_toolchain(facts) or (None if llama_arch(facts) else "the device's CPU features are "
-                                                  "unknown (no Features line in /proc/cpuinfo)")
-    if why and mode == "auto":
+    arch = llama_arch(facts)
+    if mode == "auto" and (why := crossbuild.missing_toolchain(facts, arch)):
         log.info("%s: llama.cpp will be built on the device (%s)", conn.target, why)
         return None
     try:
         with _cross_lock:
-            return crossbuild.wheel(facts, llama_arch(facts) or "")
+            return crossbuild.wheel(facts, arch)
     except crossbuild.CrossBuildError as e:
         raise ProvisionError(f"{conn.target}: {e}") from None
 

@@ -90,3 +90,8 @@ def test_no_cross_build_for_x86_or_32_bit_devices():
     assert "only 64-bit ARM" in crossbuild.missing_toolchain({"machine": "aarch64", "bits": 32})
     with pytest.raises(crossbuild.CrossBuildError, match='llama_cpp_build = "device"'):
         crossbuild.wheel({"machine": "armv7l", "bits": 32}, "armv8-a")
+
+
+def test_no_cross_build_without_the_device_cpu_features():
+    why = crossbuild.missing_toolchain({"machine": "aarch64", "bits": 64}, None)
+    assert why == "the device's CPU features are unknown (no Features line in its /proc/cpuinfo)"

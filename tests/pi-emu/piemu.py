@@ -243,10 +243,11 @@ def up(state: Path = DEFAULT_DIR, port: int = 0, log=print) -> Device:
     for p in (ssh, ssh / "authorized_keys"):
         os.chown(p, int(ids[0]), int(ids[1]))
     (root / "etc/ssh/pistill_sshd_config").write_text(SSHD_CONFIG.format(port=port, user=USER, cpu=QEMU_CPU))
-    logf = open(state / "sshd.log", "w")
-    proc = subprocess.Popen(["chroot", str(root), "/usr/sbin/sshd", "-D", "-e", "-f", "/etc/ssh/pistill_sshd_config"],
-                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "QEMU_CPU": QEMU_CPU},
-                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(state / "sshd.log", "w") as logf:  # sshd keeps its own copy of the descriptor
+        proc = subprocess.Popen(["chroot", str(root), "/usr/sbin/sshd", "-D", "-e", "-f",
+                                 "/etc/ssh/pistill_sshd_config"],
+                                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "QEMU_CPU": QEMU_CPU},
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     (state / "sshd.pid").write_text(str(proc.pid))
     wait_listening(port, proc, state / "sshd.log")
     host_pub = (keys / "host.pub").read_text().split()
