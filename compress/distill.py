@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.jsonl"
 _STATE_KEYS = ("step", "key", "model", "optimizer", "scheduler", "rng", "cuda_rng")  # a checkpoint's contents
+METHODS = ("full", "lora")  # [distill] method
 
 
 class DivergedError(UserError, RuntimeError):
@@ -64,6 +65,11 @@ class DistillConfig:
     #                    tokenizer (its weights are the starting point)
     qat: str = "none"  # fake-quantize the student late in training in an export's 4-bit layout: none | q4_0 | int4
     qat_start: float = 0.5  # QAT from this fraction of the steps on; the saved weights are then on that 4-bit grid
+    method: str = "full"  # full: train every weight | lora: adapters on a frozen base, merged at the end (lora.py)
+    lora_rank: int = 16  # lora: rank r of each adapter pair (A: r x in, B: out x r)
+    lora_alpha: float = 32.0  # lora: the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # lora: dropout on the adapters' input while training
+    lora_base: str = "nf4"  # lora: the frozen base as nf4 (bitsandbytes, double quant: QLoRA) | none (float32)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_blocks"):
@@ -95,6 +101,26 @@ class DistillConfig:
                              "GGUF export, int4 for the ONNX one)")
         if not 0.0 <= self.qat_start < 1.0:
             raise ValueError(f"qat_start = {self.qat_start} must be in [0, 1): the fraction of the steps before QAT")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        from .lora import LORA_BASES
+
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}' is not supported; use full (train every weight) or lora "
+                             "(adapters on a frozen base)")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank = {self.lora_rank} must be at least 1; try 8 to 64")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha = {self.lora_alpha} must be positive; try twice lora_rank")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout = {self.lora_dropout} must be in [0, 1)")
+        if self.lora_base not in LORA_BASES:
+            raise ValueError(f"lora_base '{self.lora_base}' is not supported; use nf4 (a 4-bit base: QLoRA) or none "
+                             "(a float32 base)")
+        if self.method == "lora" and self.qat != "none":
+            raise ValueError(f"qat = '{self.qat}' with method = 'lora': QAT trains the full weights; use "
+                             "qat = \"none\" with lora")
 
     def validate_paths(self) -> None:
         """Fail fast (no weights loaded) when a `student` source cannot be found."""
@@ -126,11 +152,32 @@ def batch_indices(n_blocks: int, batch_size: int, index: int, seed: int) -> np.n
 
 # --- checkpoints and log ------------------------------------------------------------------------------------------
 
+def trainable_state(model) -> dict:
+    """What a checkpoint keeps of the model: its whole state_dict when every parameter trains (method full), else
+    the trainable tensors alone (LoRA adapters: the frozen base is loaded again from the student folder)."""
+    params = dict(model.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        return model.state_dict()
+    return {name: p.detach() for name, p in params.items() if p.requires_grad}
+
+
+def load_trainable(model, state: dict) -> None:
+    """Restore `trainable_state`'s tensors: all of them (strict) or, with frozen parameters, every trainable one."""
+    if all(p.requires_grad for p in model.parameters()):
+        model.load_state_dict(state)
+        return
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise RuntimeError(f"checkpoint holds {len(state)} tensors for {len(trainable)} trainable parameters")
+    model.load_state_dict(state, strict=False)
+
+
 def save_checkpoint(path: Path, student, opt, sched, step: int, key: str) -> None:
-    """Model, optimizer, scheduler, step and RNG state, written to a temporary file and renamed (atomic)."""
+    """Trainable weights (`trainable_state`), optimizer, scheduler, step and RNG state, written to a temporary file
+    and renamed (atomic)."""
     import torch
 
-    state = {"step": step, "key": key, "model": student.state_dict(), "optimizer": opt.state_dict(),
+    state = {"step": step, "key": key, "model": trainable_state(student), "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -173,7 +220,7 @@ def load_checkpoint(path: Path, student, opt, sched, key: str) -> int:
     if state["key"] != key:
         log.warning("distill: %s belongs to another config or inputs; starting from step 0", path)
         return 0
-    student.load_state_dict(state["model"])
+    load_trainable(student, state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
@@ -382,7 +429,7 @@ def make_optimizer(student, cfg: DistillConfig):
     """AdamW with decay on matrices only (not norms or biases, as in nanoGPT), and the warm-up + cosine schedule."""
     import torch
 
-    params = list(student.parameters())  # tied embeddings appear once
+    params = [p for p in student.parameters() if p.requires_grad]  # tied embeddings appear once; no frozen base
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -537,10 +584,17 @@ def checkpoint_dir(out: Path) -> Path:
 def distil(teacher, s_dir: Path, device: str, blocks: np.ndarray, heldout: np.ndarray, cfg: DistillConfig,
            work: Path, key: str):
     """The student in `s_dir`, loaded in float32 on `device` and trained against `teacher` (`train`, checkpoints and
-    log in `work`); the student and the run's summary."""
+    log in `work`); the student and the run's summary. With method lora, adapters on a frozen base are trained and
+    merged: the student returned is an ordinary float32 model all the same."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if cfg.method == "lora":
+        from . import lora
+
+        adapted = lora.load_adapted(s_dir, cfg, device)
+        summary = train(adapted, teacher, blocks, heldout, cfg, work, key) | lora.adapter_summary(adapted, cfg)
+        return lora.merge(adapted, s_dir, cfg), summary
     student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32, device_map=device)
     return student, train(student, teacher, blocks, heldout, cfg, work, key)
 
@@ -585,5 +639,6 @@ def run(inputs: Mapping[str, Artifact], cfg: DistillConfig, out: Path) -> Artifa
         w.model = {"format": "hf", "file": "."}
         w.metrics.update(params=count_params(student), bytes=weight_bytes(w.dir), **summary)
         w.extra["student"] = cfg.student or "prune"
+        w.extra["method"] = cfg.method
     shutil.rmtree(work, ignore_errors=True)  # the artifact is complete; the checkpoint has served
     return w.artifact

@@ -9,6 +9,8 @@ The teacher, the student and the data are the `quantize`, `prune` and `data` art
 by one). Every rank holds the student and the teacher, takes its own blocks and all-reduces the gradients (DDP), so
 a step consumes batch_size x grad_accum x processes blocks. The main process checkpoints (resumable, like the
 stage), logs, and saves the student as an HF folder in --out (default RUN_DIR/distill-ddp) with train_log.jsonl.
+With `[distill] method = "lora"` each rank trains the adapters on its own frozen base (DDP reduces their gradients
+alone) and the main process saves the merged model, as the stage does.
 `--hash-dir DIR`: each rank writes the sha256 of its final weights to DIR/rank<r>.sha256 (they must agree).
 `--fsdp-teacher`: a teacher too large for one device is sharded across the processes with torch FSDP
 (`fully_shard`, one unit per decoder layer): each rank keeps 1/N of its weights and gathers one layer at a time

@@ -24,6 +24,7 @@ from .gguf_quantize import QUANT_FTYPES, check_quant, quantize_gguf
 log = logging.getLogger(__name__)
 
 STUDENT = "student"  # in `quants`: the student GGUF's own type
+UNQUANTIZED = ("F16", "F32")  # in `quants`: the teacher unquantized, as the converter writes it
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class BaselineConfig:
     """Which teacher GGUF files to write and score."""
 
     VERSION: ClassVar[int] = 1
-    quants: tuple[str, ...] = (STUDENT, "Q8_0")  # llama.cpp types; "student" = the student GGUF's type (first)
+    quants: tuple[str, ...] = (STUDENT, "Q8_0")  # llama.cpp types, F16, F32; "student" = the student GGUF's type
     threads: int = 0  # quantization and evaluation threads; 0 = every core
     evaluate: bool = True  # held-out ppl / agreement / KL of each file against the teacher
 
@@ -40,7 +41,7 @@ class BaselineConfig:
         if not self.quants:
             raise ValueError('quants is empty; name at least one type, e.g. ["student", "Q8_0"]')
         for q in self.quants:
-            if q != STUDENT:
+            if q not in (STUDENT, *UNQUANTIZED):
                 check_quant(q)
         if len(set(self.quants)) != len(self.quants):
             raise ValueError(f"quants = {list(self.quants)} repeats a type; list each once")

@@ -81,3 +81,17 @@ def test_run_writes_the_teachers_files_at_the_students_type_and_q8(tiny_teacher,
     assert views["baseline:Q8_0"].model_path() == art.path / "teacher-Q8_0.gguf"
     assert views["baseline:Q8_0"].metrics == q8 and views["baseline"].metrics == q4
     assert art.manifest["files_detail"]["teacher-Q4_0.gguf"]["Q4_0"] > 0
+
+
+def test_unquantized_teacher_files_beside_the_quantized_one(tiny_teacher, tiny_data, student_gguf, tmp_path):
+    art = run({"teacher": tiny_teacher, "data": tiny_data, "gguf": student_gguf},
+              BaselineConfig(quants=("student", "F16", "F32"), threads=2), tmp_path / "baseline")
+    assert [m["file"] for m in art.models] == ["teacher-Q4_0.gguf", "teacher-f16.gguf", "teacher-F32.gguf"]
+    q4, f16, f32 = (m["metrics"] for m in art.models)
+    assert q4["bytes"] < f16["bytes"] < f32["bytes"] and 15.5 < f16["bits_per_weight"] < 16.5 < 31.5 < f32["bits_per_weight"]
+    assert f32["kl"] < 1e-3 and f16["kl"] < q4["kl"]  # the unquantized files are the teacher
+
+
+def test_unknown_baseline_type_is_refused():
+    with pytest.raises(ValueError, match="quant type 'F8' is unknown"):
+        BaselineConfig(quants=("F8",))

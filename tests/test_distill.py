@@ -137,7 +137,9 @@ def test_distill_loss_blends(alpha):
 @pytest.mark.parametrize("cfg", [DistillConfig(), DistillConfig(steps=3, grad_accum=2, alpha=0.5, temperature=2.0,
                                                                 eval_every=0, ckpt_every=0, threads=1),
                                  DistillConfig(loss="jsd", beta=0.1), DistillConfig(loss="reverse_kl", teacher_topk=64),
-                                 DistillConfig(qat="q4_0", qat_start=0.25), DistillConfig(qat="int4")])
+                                 DistillConfig(qat="q4_0", qat_start=0.25), DistillConfig(qat="int4"),
+                                 DistillConfig(method="lora", lora_rank=8, lora_alpha=16.0, lora_dropout=0.1,
+                                               lora_base="none")])
 def test_config_round_trip(cfg):
     d = config_dict(cfg)
     assert d.pop("version") == DistillConfig.VERSION
