@@ -13,7 +13,7 @@ from pistill.artifact import Artifact, ArtifactWriter
 from pistill.errors import InputError
 
 from .importance import get_scorer
-from .shapes import Shape, budget_shape, param_count, parse_params, round_to, teacher_shape
+from .shapes import Shape, budget_shape, check_hidden, param_count, parse_params, round_to, teacher_shape
 from .sparsity import get_weight_scorer, parse_nm, sparsify, zero_fraction
 from .structured import drop_layers, prune_heads, prune_hidden, prune_mlp, select_channels, select_heads
 
@@ -106,6 +106,8 @@ def target_shape(hf: dict, cfg: PruneConfig) -> Shape:
                          f"{t.n_heads // t.kv_heads} query heads and all the same number; use a multiple of {kv} "
                          f"up to {t.n_heads // t.kv_heads * kv}")
     base = replace(t, n_layer=cfg.n_layer or t.n_layer, hidden=cfg.hidden or t.hidden, n_heads=n_heads, kv_heads=kv)
+    if cfg.hidden is not None:
+        check_hidden(cfg.hidden, n_heads, cfg.step)
     if cfg.target_params is None:
         return replace(base, ffn_dim=kept_width(t.ffn_dim, cfg))
     budget = parse_params(cfg.target_params)

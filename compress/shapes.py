@@ -64,15 +64,30 @@ def round_to(x: float, step: int) -> int:
     return max(step, round(x / step) * step)
 
 
+def check_hidden(hidden: int, n_heads: int, step: int) -> None:
+    """transformers refuses a llama-like config whose hidden width is not a multiple of its query heads (even with
+    head_dim explicit): say so before any weight is pruned, with the nearest widths that work."""
+    if hidden % n_heads:
+        unit = math.lcm(n_heads, step)
+        options = sorted({max(unit, hidden // unit * unit), hidden // unit * unit + unit})
+        raise InputError(f"hidden = {hidden} is not a multiple of the {n_heads} query heads kept; transformers "
+                         f"refuses such a model: use hidden = {' or '.join(map(str, options))} (multiples of "
+                         f"{n_heads} and {step}), or keep another number of heads")
+
+
 def budget_shape(base: Shape, teacher: Shape, hf: dict, budget: int, step: int, fixed_hidden: bool) -> Shape:
     """The widest uniform shape meeting `budget` within 2%: depth and heads stay as in `base`; then hidden goes
     down in multiples of `step` (unless fixed) and, for each hidden, ffn_dim is the multiple of `step` closest to
     the budget; the first hidden whose ffn ratio is at least its hidden ratio (the MLP is pruned no harder than
     the embedding channels, one width ratio for both) and whose count is within 2% wins. Coarse steps (256) may
-    allow no such pair: then the pair within 2% whose two ratios are closest."""
-    hiddens = [base.hidden] if fixed_hidden else range(base.hidden // step * step or base.hidden, 0, -step)
+    allow no such pair: then the pair within 2% whose two ratios are closest. Only hidden widths that are a multiple
+    of the query heads are tried (`check_hidden`)."""
+    below = range((base.hidden - 1) // step * step, 0, -step)  # narrower multiples of `step`
+    hiddens = [base.hidden] if fixed_hidden else dict.fromkeys([base.hidden, *below])  # unpruned first
     met, best = [], None
     for hidden in hiddens:
+        if hidden % base.n_heads:  # transformers refuses such a config even with head_dim explicit
+            continue
         rest = param_count(replace(base, hidden=hidden, ffn_dim=0), hf)
         per_ffn = param_count(replace(base, hidden=hidden, ffn_dim=1), hf) - rest
         ffn = min(round_to((budget - rest) / per_ffn, step), teacher.ffn_dim // step * step or teacher.ffn_dim)

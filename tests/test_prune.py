@@ -397,10 +397,14 @@ def test_budget_keeps_width_ratios_together():
     assert abs(param_count(s, hf) - 60e6) <= 0.02 * 60e6
     assert s.hidden % 32 == 0 and s.ffn_dim % 32 == 0 and s.n_layer == 30 and s.head_dim == 64
     assert s.ffn_dim / t.ffn_dim >= s.hidden / t.hidden > 0.4
+    assert s.hidden % s.n_heads == 0  # transformers refuses a hidden width that is not a multiple of the heads
     k = target_shape(hf, PruneConfig(target_params="96M", kquant_friendly=True))
-    assert (k.hidden, k.ffn_dim) == (512, 1024)  # multiples of 256 (K-quant super-blocks)
+    assert (k.hidden, k.ffn_dim) == (576, 768)  # MLP in multiples of 256; no narrower hidden fits 9 heads and 256
     with pytest.raises(ValueError, match="cannot be met within 2% with widths in multiples of 256"):
-        target_shape(hf, PruneConfig(target_params="110M", kquant_friendly=True))
+        target_shape(hf, PruneConfig(target_params="40M", kquant_friendly=True))
+    with pytest.raises(ValueError, match=r"hidden = 480 is not a multiple of the 9 query heads .* use hidden = 288 or 576"):
+        target_shape(hf, PruneConfig(hidden=480))
+    assert target_shape(hf, PruneConfig(hidden=480, n_heads=6, kv_heads=3)).hidden == 480  # 6 heads divide it
 
 
 # --- unstructured and N:M sparsity ---------------------------------------------------------------------------------
@@ -470,7 +474,7 @@ def real_teacher(tmp_path_factory):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("fields", [{"ffn_ratio": 0.5}, {"ffn_ratio": 1.0, "n_heads": 6},
-                                    {"ffn_ratio": 1.0, "n_layer": 24}, {"ffn_ratio": 1.0, "hidden": 448}],
+                                    {"ffn_ratio": 1.0, "n_layer": 24}, {"ffn_ratio": 1.0, "hidden": 288}],
                          ids=["mlp", "heads", "layers", "hidden"])
 def test_activation_beats_random_at_equal_params_on_the_real_teacher(real_teacher, fields):
     """At the same shape, activation importance keeps held-out perplexity lower than random, on every axis."""
