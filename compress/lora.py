@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .quantize import keep_cpu_layout
+
 log = logging.getLogger(__name__)
 
 LORA_BASES = ("nf4", "none")  # [distill] lora_base: the frozen base's storage
@@ -48,10 +50,7 @@ def load_base(s_dir: Path, lora_base: str, device: str):
         bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32, device_map=device,
                                                  quantization_config=bnb)
-    for m in model.modules():  # float32 compute always: on AVX512-BF16 CPUs bitsandbytes otherwise repacks the
-        if hasattr(m, "support_avx512bf16_for_cpu"):  # weights in place, scales in bf16, at the first no-grad
-            m.support_avx512bf16_for_cpu = False  # eval forward: the base would change in mid-run
-    return model
+    return keep_cpu_layout(model)  # the base must not change under the adapters in mid-run
 
 
 def load_adapted(s_dir: Path, cfg, device: str):

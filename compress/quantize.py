@@ -93,6 +93,18 @@ def _quiet_int8_cast_log() -> None:
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
+def keep_cpu_layout(model):
+    """Keep every NF4 layer in its stored layout and compute dtype on the CPU (returns `model`). On CPUs with
+    AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight without double quantization in place, at its first
+    no-grad forward in eval mode, into a bf16 layout its serialization does not record: a teacher saved after that
+    reloads in another process as noise (perplexity 10^7 on the default teacher), and a trained base would change
+    under its adapters in mid-run."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_quantized(folder: Path, cfg: QuantizeConfig, device: str):
     """Load an HF folder quantized on the fly as `cfg.method` says, on `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -101,7 +113,7 @@ def load_quantized(folder: Path, cfg: QuantizeConfig, device: str):
     bnb = QUANT_TYPES[cfg.method](cfg, dtype)
     _quiet_int8_cast_log()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device, quantization_config=bnb)
-    return model.eval()
+    return keep_cpu_layout(model).eval()
 
 
 def load_teacher(folder: Path, device: str):
@@ -109,7 +121,7 @@ def load_teacher(folder: Path, device: str):
     from transformers import AutoModelForCausalLM
 
     _quiet_int8_cast_log()
-    return AutoModelForCausalLM.from_pretrained(folder, device_map=device).eval()
+    return keep_cpu_layout(AutoModelForCausalLM.from_pretrained(folder, device_map=device)).eval()
 
 
 def forward_tps(model, blocks: np.ndarray) -> float:

@@ -74,3 +74,16 @@ def pi_emu():
     yield device
     piemu.down(PI_EMU_DIR)
 
+
+@pytest.fixture(scope="module")
+def real_teacher(tmp_path_factory):
+    """The offline default teacher and a small data artifact (corpus only, 128-token blocks)."""
+    from pistill.data import DataConfig
+    from pistill.teacher import TeacherConfig
+    from pistill.pipeline import run_stage, stage
+
+    tmp = tmp_path_factory.mktemp("real")
+    teacher, _ = run_stage(stage("teacher"), {}, TeacherConfig(), tmp / "teacher", force=False)
+    cfg = DataConfig(generate=0, block_size=128, calib_blocks=4, train_blocks=1, heldout_blocks=4, topk=8)
+    data, _ = run_stage(stage("data"), {"teacher": teacher}, cfg, tmp / "data", force=False)
+    return teacher, data

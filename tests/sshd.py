@@ -10,13 +10,15 @@ import getpass
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "pi-emu"))
+from piemu import free_port, wait_listening  # noqa: E402  (one copy, in the standard-library-only module)
 
 SSHD = Path("/usr/sbin/sshd")
 CONFIG = """\
@@ -46,24 +48,6 @@ def keygen(path: Path) -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pistill-test", "-f", str(path)],
                    check=True, capture_output=True)
     return path.with_suffix(".pub").read_text().strip()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, log: Path, limit_s: float = 10.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sshd exited with code {proc.returncode}: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"sshd did not listen on 127.0.0.1:{port} within {limit_s} s")
 
 
 @dataclass
@@ -108,7 +92,7 @@ class SSHServer:
         with open(log, "ab") as err:  # sshd -e: its log, for a failing test to look at
             self.proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(self.dir / "sshd_config")],
                                          stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        wait_listening(self.port, self.proc, log)
+        wait_listening(self.port, self.proc, log, limit_s=10.0, what="sshd", poll_s=0.05)
         return self
 
     def sessions(self) -> list[int]:

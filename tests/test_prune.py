@@ -458,20 +458,6 @@ def test_sparse_run_is_labelled_honestly(tiny_teacher, tiny_data, tmp_path):
 
 # --- on the real default teacher ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def real_teacher(tmp_path_factory):
-    """The offline default teacher and a small data artifact (corpus only, 128-token blocks)."""
-    from pistill.data import DataConfig
-    from pistill.teacher import TeacherConfig
-    from pistill.pipeline import run_stage, stage
-
-    tmp = tmp_path_factory.mktemp("real")
-    teacher, _ = run_stage(stage("teacher"), {}, TeacherConfig(), tmp / "teacher", force=False)
-    cfg = DataConfig(generate=0, block_size=128, calib_blocks=4, train_blocks=1, heldout_blocks=4, topk=8)
-    data, _ = run_stage(stage("data"), {"teacher": teacher}, cfg, tmp / "data", force=False)
-    return teacher, data
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("fields", [{"ffn_ratio": 0.5}, {"ffn_ratio": 1.0, "n_heads": 6},
                                     {"ffn_ratio": 1.0, "n_layer": 24}, {"ffn_ratio": 1.0, "hidden": 288}],

@@ -80,6 +80,28 @@ def test_run_saves_a_teacher_that_reloads(tiny_teacher, pruned, tiny_data, tmp_p
         assert torch.isfinite(teacher(input_ids=torch.randint(0, 500, (1, 16))).logits).all()
 
 
+@pytest.mark.e2e
+def test_real_teacher_nf4_without_double_quant_reloads(real_teacher, tmp_path):
+    """On the default teacher, single-quantized NF4 (the layout bitsandbytes repacked in place on AVX512-BF16 CPUs
+    and saved as noise: perplexity 10^7 on reload) reads back in another process as the stage measured it."""
+    import subprocess
+    import sys
+
+    from pistill.compress.quantize import run
+
+    teacher, data = real_teacher
+    art = run({"teacher": teacher, "prune": teacher, "data": data},  # source = teacher: "prune" is not read
+              QuantizeConfig(double_quant=False, bench_blocks=1), tmp_path / "q")
+    code = ("import sys; from pistill.artifact import Artifact; from pistill.compress.quantize import load_teacher; "
+            "from pistill.evaluate import evaluate_torch; "
+            "print(evaluate_torch(load_teacher(Artifact.load(sys.argv[1]).model_path(), 'cpu'), "
+            "Artifact.load(sys.argv[2]))['ppl'])")
+    out = subprocess.run([sys.executable, "-c", code, str(art.path), str(data.path)], capture_output=True,
+                         text=True, check=True).stdout.split()[-1]
+    assert float(out) == pytest.approx(art.metrics["ppl"], rel=1e-3)
+    assert art.metrics["ppl"] < 2 * data.metrics["teacher_ppl"]
+
+
 def test_source_pruned_quantizes_the_pruned_model(tiny_teacher, pruned, tiny_data, tmp_path):
     from pistill.compress.quantize import run
 

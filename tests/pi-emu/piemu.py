@@ -258,17 +258,19 @@ def up(state: Path = DEFAULT_DIR, port: int = 0, log=print) -> Device:
     return dev
 
 
-def wait_listening(port: int, proc: subprocess.Popen, logf: Path, limit_s: float = 60.0) -> None:
+def wait_listening(port: int, proc: subprocess.Popen, logf: Path, limit_s: float = 60.0,
+                   what: str = "the emulated Pi's sshd", poll_s: float = 0.2) -> None:
+    """Return once something listens on 127.0.0.1:`port`; fail with `logf`'s tail if `proc` exits first, or after
+    `limit_s` (tests/sshd.py uses it too: this module needs only the standard library, which it must)."""
     deadline = time.monotonic() + limit_s  # sshd runs emulated: it starts in a second or two
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the emulated Pi's sshd exited with code {proc.returncode}: "
-                               f"{logf.read_text()[-2000:]}")
+            raise RuntimeError(f"{what} exited with code {proc.returncode}: {logf.read_text()[-2000:]}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
-        time.sleep(0.2)
-    raise RuntimeError(f"the emulated Pi's sshd did not listen on 127.0.0.1:{port} within {limit_s:.0f} s")
+        time.sleep(poll_s)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {limit_s:.0f} s")
 
 
 def processes_in(root: Path) -> list[int]:
