@@ -185,8 +185,13 @@ class Bench:
 # --- the claims ----------------------------------------------------------------------------------------------------
 
 def kept(row: dict, ref: dict) -> float:
-    """Share of the reference's accuracy above chance that `row` keeps (mean over the tasks)."""
-    return statistics.mean((row[t] - c) / max(ref[t] - c, 1e-9) for t, (_, c) in TASKS.items())
+    """Share of the reference's accuracy above chance that `row` keeps (the report's figure, mean over the tasks)."""
+    from pistill.front import retention
+
+    def scored(r: dict) -> dict:  # a row in the report's shape
+        return {"zeroshot": {t: {"acc_norm": r[t]} for t in TASKS}}
+
+    return retention(scored(row), scored(ref), {t: chance for t, (_, chance) in TASKS.items()})
 
 
 def drop(row: dict, ref: dict) -> tuple[float, float]:
@@ -384,7 +389,8 @@ def claim5(b: Bench) -> dict:
                        f"{'holds' if kept(rows[best], teacher) >= 0.95 else 'fails'} above chance: the best arm "
                        f"({best}) keeps "
                        f"{100 * raw:.0f}% of the teacher's raw accuracy but {100 * kept(rows[best], teacher):.0f}% of "
-                       f"its accuracy above chance (chance alone is 'kept' in a raw ratio). The lowest perplexity comes "
+                       f"its accuracy above chance (chance alone is 'kept' in a raw ratio). The lowest perplexity "
+                       f"comes "
                        f"from the {min(rows, key=lambda k: rows[k]['ppl'])} teacher "
                        f"({min(r['ppl'] for r in rows.values()):.2f}); the pruned+NF4 teacher "
                        f"gives ppl {literal['ppl']:.2f} against {rows[best]['ppl']:.2f}; the pruned model with no "
@@ -421,12 +427,11 @@ def memory_child(quant_dir: str, student_dir: str, data_dir: str, steps: int) ->
     blocks, heldout = training_blocks(Artifact.load(data_dir), student.config.vocab_size)
     import tempfile
 
-    from pistill.compress.distill import TRAIN_LOG, read_log
 
     cfg = DistillConfig(steps=steps, batch_size=4, eval_every=0, ckpt_every=0, warmup_steps=1)
     with tempfile.TemporaryDirectory() as work:
         train(student, teacher, blocks, heldout, cfg, Path(work))
-        rows = [r for r in read_log(Path(work) / TRAIN_LOG) if "loss" in r]
+        rows = train_rows(Path(work))
     step_s = statistics.median(r["step_s"] for r in rows[1:] or rows)  # the first step warms up
     print(json.dumps({"peak_rss": peak_rss(),
                       "rss_after_teacher": rss_teacher, "teacher_memory": teacher.get_memory_footprint(),
@@ -537,10 +542,15 @@ def claim7(b: Bench) -> dict:
                           "weights) given the full distillation's training wall time."}
 
 
-def read_log(art) -> list[dict]:
-    from pistill.compress.distill import TRAIN_LOG, read_log as rl
+def train_rows(folder: Path) -> list[dict]:
+    """The training steps' rows of the distillation log in `folder` (evaluation rows left out)."""
+    from pistill.compress.distill import TRAIN_LOG, read_log
 
-    return [r for r in rl(art.model_path() / TRAIN_LOG) if "loss" in r]
+    return [r for r in read_log(folder / TRAIN_LOG) if "loss" in r]
+
+
+def read_log(art) -> list[dict]:
+    return train_rows(art.model_path())
 
 
 RUNNERS = {1: claim1, 2: claim2, 3: claim3, 4: claim4, 5: claim5, 6: claim6, 7: claim7}

@@ -97,7 +97,7 @@ def keep_cpu_layout(model):
     """Keep every NF4 layer in its stored layout and compute dtype on the CPU (returns `model`). On CPUs with
     AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight without double quantization in place, at its first
     no-grad forward in eval mode, into a bf16 layout its serialization does not record: a teacher saved after that
-    reloads in another process as noise (perplexity 10^7 on the default teacher), and a trained base would change
+    reloads in another process as noise (perplexity about 10^8 on the default teacher), and a trained base would change
     under its adapters in mid-run."""
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
