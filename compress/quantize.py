@@ -160,16 +160,23 @@ def verify_reload(folder: Path, model, block: np.ndarray) -> None:
                            f"(max difference {(got - want).abs().max().item():.3g}); bitsandbytes serialization")
 
 
+def key_inputs(cfg: QuantizeConfig) -> tuple[str, ...]:
+    """The inputs this config reads, which its key covers: the pruned model only when it is the source (so the
+    default, the original teacher, is not quantized again when only the pruning changed)."""
+    return ("teacher", "prune", "data") if cfg.source == "pruned" else ("teacher", "data")
+
+
 def run(inputs: Mapping[str, Artifact], cfg: QuantizeConfig, out: Path) -> Artifact:
     """Quantize the distillation teacher, measure it against its unquantized source, save it as an HF folder."""
     from pistill.data import load_blocks
     from pistill.models import check_architecture, count_params, read_config, save_model, torch_device, weight_bytes
 
-    teacher, pruned, data = inputs["teacher"], inputs["prune"], inputs["data"]
-    folder = (teacher if cfg.source == "teacher" else pruned).model_path()
+    data = inputs["data"]
+    folder = inputs["teacher" if cfg.source == "teacher" else "prune"].model_path()
     check_architecture(read_config(folder), str(folder))
     device, blocks = torch_device(), load_blocks(data, "heldout")[: cfg.bench_blocks]
-    with ArtifactWriter(out, "quantize", cfg, inputs) as w:  # the whole run inside, so wall_s counts it
+    read = {n: inputs[n] for n in key_inputs(cfg)}
+    with ArtifactWriter(out, "quantize", cfg, read) as w:  # the whole run inside, so wall_s counts it
         base = load_quantized(folder, QuantizeConfig(method="none", compute_dtype=cfg.compute_dtype), device)
         params, src = count_params(base), measure(base, data, blocks)
         del base

@@ -51,8 +51,20 @@ def parser() -> argparse.ArgumentParser:
         if name == "eval":
             s.add_argument("--items", dest="eval_items", type=int, metavar="N",
                            help="items per task (overrides [eval] items; 0 = all)")
+    _search_parser(sub)
     _device_parsers(sub)
     return p
+
+
+def _search_parser(sub) -> None:
+    s = sub.add_parser("search", help="find the best student for a decode-speed and memory budget on a device, by "
+                       "building and measuring trials (Optuna)")
+    s.add_argument("recipe", help="recipe TOML file, e.g. recipes/default.toml ([search] holds the space)")
+    s.add_argument("--target", help="'local', user@host, or several joined by commas (overrides [bench] target)")
+    s.add_argument("--min-decode-tok-s", type=float, metavar="X", help="decode at least X tok/s on the target")
+    s.add_argument("--max-memory-mb", type=float, metavar="MB", help="peak memory at most MB on the target")
+    s.add_argument("--trials", type=int, metavar="N", help="trials to build and measure (overrides [search] trials)")
+    s.add_argument("--out", help="search folder (default: the recipe's out + '-search')")
 
 
 def _device_parsers(sub) -> None:
@@ -80,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("doctor", "trust"):
             return {"doctor": _doctor, "trust": _trust}[args.command](args)
+        if args.command == "search":
+            return _search(args)
         return _run(args) if args.command == "run" else _stage(args)
     except UserError as e:  # the user can fix it: one line (and the traceback with -v); anything else is a bug
         if args.verbose:
@@ -140,6 +154,28 @@ def _run(args) -> int:
     out = Path(args.out or rec.out).expanduser()
     arts = pipeline.run(rec.configs, out, force=args.force)
     print(arts["report"].path / "report.md")
+    return 0
+
+
+def _search(args) -> int:
+    import dataclasses
+
+    from .search import run_search
+
+    rec = _load_recipe(args.recipe)
+    changes = {k: v for k, v in (("min_decode_tok_s", args.min_decode_tok_s), ("max_memory_mb", args.max_memory_mb),
+                                 ("trials", args.trials)) if v is not None}
+    try:
+        cfg = dataclasses.replace(rec.search, **changes)
+        bench = rec.configs["bench"]
+        if args.target:
+            specs = [t.strip() for t in args.target.split(",") if t.strip()]
+            bench = dataclasses.replace(bench, target=specs[0] if len(specs) == 1 else "local",
+                                        targets=specs if len(specs) > 1 else [], inventory="")
+    except ValueError as e:
+        raise UsageError(f"search: {e}") from None
+    out = Path(args.out or f"{rec.out.rstrip('/')}-search").expanduser()
+    print(run_search(rec, cfg, out, bench))
     return 0
 
 

@@ -35,6 +35,12 @@ class Stage:
     def config_class(self) -> type:
         return getattr(self.load(), self.config)
 
+    def keyed(self, inputs: Mapping[str, Artifact], cfg) -> dict[str, Artifact]:
+        """The inputs its key covers: those the module's `key_inputs(cfg)` names (the ones this config reads), or
+        all of them. A stage that ignores an input is not rerun when only that input changed."""
+        reads = getattr(self.load(), "key_inputs", None)
+        return {n: inputs[n] for n in reads(cfg)} if reads else dict(inputs)
+
 
 _MAKERS: tuple[Stage, ...] = (  # the teacher, the data and every model made from them
     Stage("teacher", "pistill.teacher", "TeacherConfig", (), label="teacher"),
@@ -79,7 +85,7 @@ def run_stage(st: Stage, inputs: Mapping[str, Artifact], cfg, out: Path, force: 
     """Run one stage on its inputs (taken by name from `inputs`, which may hold more) unless an artifact with the
     same input key is already at `out`. Returns (artifact, ran)."""
     inputs, old = named(st, inputs), existing(out)
-    if old is not None and not force and old.key == input_key(st.name, cfg, inputs):
+    if old is not None and not force and old.key == input_key(st.name, cfg, st.keyed(inputs, cfg)):
         return old, False
     clean_stale(out.parent, f".{out.name}.tmp-*")  # left by a killed run; never a finished artifact
     return st.load().run(inputs, cfg, out), True

@@ -22,6 +22,7 @@ from .errors import UserError
 from .pipeline import STAGES, Stage
 
 TOP_LEVEL = {"name": str, "out": str}  # keys allowed outside the stage tables
+SEARCH = Stage("search", "pistill.search", "SearchConfig", ())  # [search]: `pistill search`'s options, not a stage
 MAX_NUMBER = 10**15  # no option needs more; bigger numbers are typos (and floats lose integer precision past 2**53)
 
 
@@ -39,6 +40,7 @@ class Recipe:
     out: str
     configs: dict[str, Any]
     path: Path | None = None
+    search: Any = None  # the [search] table as a SearchConfig (its defaults when the recipe has none)
 
     def with_config(self, stage: str, **changes) -> "Recipe":
         try:
@@ -65,11 +67,11 @@ def load(path: str | Path) -> Recipe:
 def from_dict(doc: dict, path: Path | None = None) -> Recipe:
     stages = {s.name: s for s in STAGES}
     for key, value in doc.items():
-        if key in stages:
+        if key in stages or key == SEARCH.name:
             continue
         if key not in TOP_LEVEL:
-            raise RecipeError(f"unknown table or key '{key}'{_hint(key, [*stages, *TOP_LEVEL])}; "
-                              f"valid: {', '.join([*stages, *TOP_LEVEL])}")
+            valid = [*stages, SEARCH.name, *TOP_LEVEL]
+            raise RecipeError(f"unknown table or key '{key}'{_hint(key, valid)}; valid: {', '.join(valid)}")
         if not isinstance(value, str) or not value.strip():
             raise RecipeError(f"'{key}' must be a non-empty string, got {_tname(value)} ({value!r})")
     configs = {name: build_config(stage, doc.get(name, {})) for name, stage in stages.items()}
@@ -81,7 +83,32 @@ def from_dict(doc: dict, path: Path | None = None) -> Recipe:
                 raise RecipeError(f"[{name}] {e}") from None
     default_name = path.stem if path else "recipe"
     out = os.path.expanduser(doc.get("out", f"runs/{default_name}"))  # `~/runs/x`, not a folder named ~
-    return Recipe(doc.get("name", default_name), out, configs, path)
+    return Recipe(doc.get("name", default_name), out, configs, path, build_config(SEARCH, doc.get(SEARCH.name, {})))
+
+
+def dumps(rec: Recipe) -> str:
+    """The recipe as TOML: name, out and every stage's table with every option written out (unset ones, None, left
+    out), so that loading it gives the same configs whatever the defaults become."""
+    lines = [f"name = {_toml(rec.name)}", f"out = {_toml(rec.out)}"]
+    for st in STAGES:
+        lines += ["", f"[{st.name}]"]
+        lines += [f"{k} = {_toml(v)}" for k, v in dataclasses.asdict(rec.configs[st.name]).items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    """A TOML value: strings as JSON strings (a subset of TOML's basic strings), lists of values, numbers."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise TypeError(f"{type(value).__name__} has no TOML form")
 
 
 def build_config(stage: Stage, table: Any):
