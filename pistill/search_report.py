@@ -139,18 +139,23 @@ def front_chart(doc: dict):
                 ax.scatter([r["measured"]["decode_tps"]], [r["quality"][key]], s=160, facecolors="none",
                            edgecolors="red", zorder=4, label="chosen")
     t0 = str(doc["space"]["threads"][0])
-    for r in doc["references"]:
+    for i, r in enumerate(doc["references"]):
         m = r["measured"].get(t0) or {}
         if m.get("decode_tps") and (r["quality"] or {}).get(key) is not None:
             ax.scatter([m["decode_tps"]], [r["quality"][key]], marker="x", color="black", zorder=3)
-            ax.annotate(r["name"], (m["decode_tps"], r["quality"][key]), fontsize=7, xytext=(3, -9),
-                        textcoords="offset points")
+            ax.annotate(r["name"], (m["decode_tps"], r["quality"][key]), fontsize=7, xytext=(4, 4 + 9 * i),
+                        textcoords="offset points")  # the teacher's files sit close together: labels stacked
     if doc["config"]["min_decode_tok_s"]:
         ax.axvline(doc["config"]["min_decode_tok_s"], color="red", lw=0.8, ls=":", label="budget")
     ax.set_xlabel("decode tok/s (measured on the target)")
     ax.set_ylabel("held-out perplexity (lower is better)" if ppl else "mean acc_norm")
     if ppl:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")  # a pruned model's perplexity spans decades
         ax.invert_yaxis()
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
