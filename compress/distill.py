@@ -52,7 +52,7 @@ class DistillConfig:
     clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     temperature: float = 1.0  # softmax temperature of the KL term
     alpha: float = 0.0  # weight of the hard-label CE; 1 - alpha weighs the KL (Minitron: KL alone)
-    loss: str = "forward_kl"  # soft loss: forward_kl (Hinton) | reverse_kl (MiniLLM) | jsd (GKD, see beta)
+    loss: str = "forward_kl"  # soft loss: forward_kl (Hinton) | reverse_kl (MiniLLM) | jsd (GKD, beta) | tv
     beta: float = 0.5  # jsd only: 0 is forward_kl, 1 is reverse_kl, between them the generalized JSD
     teacher_topk: int = 0  # 0: live teacher logits; K: cache its top-K log-probs per block, loss over those K
     eval_every: int = 10  # held-out distillation loss every N steps; 0 turns it off

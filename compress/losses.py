@@ -66,10 +66,23 @@ def generalized_jsd(student_logits, teacher_logits, beta: float = 0.5, temperatu
     return (beta * kl_pm + (1 - beta) * kl_qm).mean() * temperature**2
 
 
+def total_variation(student_logits, teacher_logits, temperature: float = 1.0):
+    """Total variation distance TV(p, q) = 1/2 sum_v |p_v - q_v| of temperature-softened distributions, mean over
+    positions, in [0, 1] (not scaled by T^2: it is a distance between distributions, not a log-ratio).
+
+    Zhou et al. 2024, "DistillSpec" (arXiv:2310.08461), Sec. 3: a draft token sampled from q is accepted by
+    speculative sampling with probability 1 - TV(p, q), so a draft distilled with TV is trained for acceptance
+    directly (Leviathan et al. 2023, Corollary 3.6). logits: (..., V) -> scalar.
+    """
+    log_p, log_q = soft_log_probs(student_logits, teacher_logits, temperature)  # (..., V) each
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1).mean()
+
+
 SOFT_LOSSES = {  # DistillConfig.loss -> fn(student_logits, teacher_logits, temperature, beta) -> scalar
     "forward_kl": lambda s, t, temperature, beta: forward_kl(s, t, temperature),
     "reverse_kl": lambda s, t, temperature, beta: reverse_kl(s, t, temperature),
     "jsd": lambda s, t, temperature, beta: generalized_jsd(s, t, beta, temperature),
+    "tv": lambda s, t, temperature, beta: total_variation(s, t, temperature),
 }
 
 

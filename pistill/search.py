@@ -153,7 +153,7 @@ def trial_configs(rec, params: dict, cfg: SearchConfig, bench) -> dict:
     if params["quant"] != ONNX_INT4:
         gguf, onnx = dataclasses.replace(gguf, quants=(params["quant"],)), rec.configs["onnx"]
     bench = dataclasses.replace(bench, threads=params["threads"], thread_sweep=[])
-    evals = dataclasses.replace(rec.configs["eval"], items=cfg.eval_items)
+    evals = dataclasses.replace(rec.configs["eval"], items=cfg.eval_items) if cfg.eval_items else rec.configs["eval"]
     return {**rec.configs, "prune": prune, "distill": distill, "gguf": gguf, "onnx": onnx, "bench": bench,
             "eval": evals}
 

@@ -15,7 +15,8 @@ from pistill.artifact import Artifact, config_dict
 from pistill.compress import distill
 from pistill.compress.distill import (CHECKPOINT, TRAIN_LOG, DistillConfig, batch_indices, check_tokenizers,
                                       lr_factor, train)
-from pistill.compress.losses import SOFT_LOSSES, distill_loss, forward_kl, generalized_jsd, hard_ce, reverse_kl
+from pistill.compress.losses import (SOFT_LOSSES, distill_loss, forward_kl, generalized_jsd, hard_ce, reverse_kl,
+                                     total_variation)
 
 torch.set_num_threads(1)
 
@@ -89,6 +90,7 @@ def jsd_by_hand(beta):
     (lambda s, t: generalized_jsd(s, t, 0.5), jsd_by_hand(0.5)),
     (lambda s, t: generalized_jsd(s, t, 0.1), jsd_by_hand(0.1)),
     (lambda s, t: generalized_jsd(s, t, 0.9), jsd_by_hand(0.9)),
+    (lambda s, t: total_variation(s, t), float(np.mean(0.5 * np.abs(P - Q).sum(-1)))),
 ])
 def test_soft_losses_match_hand_computation(fn, want):
     got = fn(torch.tensor(np.log(Q))[None], torch.tensor(np.log(P))[None])  # (1, 2, 3) logits
@@ -109,6 +111,18 @@ def test_jsd_ends_are_the_two_kls_and_its_limits_agree():
     eps = 1e-4  # JSD(beta) / beta -> KL(p || q) as beta -> 0; JSD(beta) / (1 - beta) -> KL(q || p) as beta -> 1
     assert generalized_jsd(s, t, eps).item() / eps == pytest.approx(forward_kl(s, t).item(), rel=1e-3)
     assert generalized_jsd(s, t, 1 - eps).item() / eps == pytest.approx(reverse_kl(s, t).item(), rel=1e-3)
+
+
+def test_total_variation_is_a_bounded_distance_with_a_gradient():
+    """TV is symmetric, in [0, 1], near 1 for distributions on different tokens, and trains the student."""
+    s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    assert total_variation(s, t).item() == pytest.approx(total_variation(t, s).item(), rel=1e-6)
+    apart = torch.full((1, 1, 4), -30.0)
+    far = total_variation(apart.index_fill(-1, torch.tensor([0]), 30.0), apart.index_fill(-1, torch.tensor([3]), 30.0))
+    assert 0.999 < far.item() <= 1.0
+    s.requires_grad_(True)
+    total_variation(s, t).backward()
+    assert s.grad.abs().sum() > 0
 
 
 def test_soft_losses_of_identical_logits_are_zero():
