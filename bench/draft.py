@@ -40,8 +40,9 @@ def build(recipe_path: Path) -> dict:
 def row(name: str, gguf, result: dict) -> dict:
     spec = result["decoders"][1]
     s, c = spec["speculative"], result["cost"]
-    verify = {r["k"]: r["verify_over_decode"] for r in c["rows"]}
-    return {"draft": name, "bytes": result["draft"]["bytes"], "share": result["draft"]["bytes"] / result["teacher"]["bytes"],
+    verify = {str(r["k"]): r["verify_over_decode"] for r in c["rows"]}  # str keys: the same in JSON
+    nbytes = result["draft"]["bytes"]
+    return {"draft": name, "bytes": nbytes, "share": nbytes / result["teacher"]["bytes"],
             "ppl": gguf.metrics.get("ppl"), "agreement": gguf.metrics.get("agreement"),
             "acceptance": s["acceptance_rate"], "alpha": s["alpha"], "tokens_per_step": s["tokens_per_step"],
             "teacher_tps": result["decoders"][0]["decode_tps"], "spec_tps": spec["decode_tps"],
@@ -51,16 +52,17 @@ def row(name: str, gguf, result: dict) -> dict:
 
 def table(rows: list[dict], machine: str) -> str:
     lines = [f"Measured on {machine}.", "",
-             "| draft | file MB | ÷ teacher file | held-out ppl | top-1 agreement | acceptance | alpha | tokens/pass | "
-             "teacher alone tok/s | with draft tok/s | × | draft step ÷ teacher step | verify(2) ÷ step | "
+             "| draft | file MB | ÷ teacher file | held-out ppl | top-1 agreement | acceptance | alpha | "
+             "tokens/pass | teacher alone tok/s | with draft tok/s | × | draft step ÷ teacher step | "
+             "verify(2) ÷ step | "
              "verify(4) ÷ step | same answers |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['draft']} | {r['bytes'] / 1e6:.1f} | {r['share']:.2f} | {r['ppl']:.1f} | "
                      f"{r['agreement']:.3f} | {r['acceptance']:.2f} | {r['alpha']:.2f} | {r['tokens_per_step']:.2f} | "
                      f"{r['teacher_tps']:.1f} | {r['spec_tps']:.1f} | {r['speedup']:.2f} | "
-                     f"{r['draft_over_decode']:.2f} | {r['verify_over_decode'][2]:.2f} | "
-                     f"{r['verify_over_decode'][4]:.2f} | {r['same_as_plain']}/{r['prompts']} |")
+                     f"{r['draft_over_decode']:.2f} | {r['verify_over_decode']['2']:.2f} | "
+                     f"{r['verify_over_decode']['4']:.2f} | {r['same_as_plain']}/{r['prompts']} |")
     return "\n".join(lines)
 
 

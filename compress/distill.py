@@ -70,6 +70,9 @@ class DistillConfig:
     lora_alpha: float = 32.0  # lora: the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # lora: dropout on the adapters' input while training
     lora_base: str = "nf4"  # lora: the frozen base as nf4 (bitsandbytes, double quant: QLoRA) | none (float32)
+    # share of micro-batches made on-policy: the first half of each block kept as the prompt and the second half
+    # sampled from the student being trained, then scored by the teacher (GKD; DistillSpec for drafts); 0 = none
+    on_policy: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_blocks"):
@@ -101,6 +104,11 @@ class DistillConfig:
                              "GGUF export, int4 for the ONNX one)")
         if not 0.0 <= self.qat_start < 1.0:
             raise ValueError(f"qat_start = {self.qat_start} must be in [0, 1): the fraction of the steps before QAT")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ValueError(f"on_policy = {self.on_policy} must be in [0, 1]: the share of on-policy micro-batches")
+        if self.on_policy and self.teacher_topk:
+            raise ValueError("on_policy > 0 with teacher_topk > 0: the teacher's cache holds the data's blocks, not the "
+                             "student's samples; set teacher_topk = 0")
         self._check_lora()
 
     def _check_lora(self) -> None:
@@ -295,6 +303,40 @@ def _autocast(device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def on_policy_batch(index: int, cfg: DistillConfig) -> bool:
+    """Whether global micro-batch `index` is made on-policy: a pure function of the seed and the index, so a
+    resumed run makes the same choice."""
+    import random
+
+    return bool(cfg.on_policy) and random.Random(cfg.seed * 1_000_003 + index).random() < cfg.on_policy
+
+
+def student_continuation(model, x, temperature: float = 1.0):
+    """x (B, T) with its second half replaced by tokens sampled from `model` after the first half (no gradient; the
+    torch generator, which checkpoints save, decides the samples). Agarwal et al. 2024 (GKD, arXiv:2306.13649)
+    Algorithm 1: the student's own outputs, scored by the teacher."""
+    import inspect
+
+    import torch
+
+    keep = x.shape[1] - x.shape[1] // 2
+    prompt, new = x[:, :keep], []
+    training = model.training
+    model.eval()  # the KV cache (gradient checkpointing turns it off in training mode)
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24 renamed it
+    try:
+        with torch.no_grad(), _autocast(x.device):
+            out = model(input_ids=prompt, use_cache=True)
+            for i in range(x.shape[1] - keep):
+                probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+                new.append(torch.multinomial(probs, 1))  # (B, 1)
+                if i < x.shape[1] - keep - 1:
+                    out = model(input_ids=new[-1], use_cache=True, **{cache: out.past_key_values})
+    finally:
+        model.train(training)
+    return torch.cat([prompt, *new], dim=1) if new else prompt
+
+
 def micro_loss(student, teacher, x, cfg: DistillConfig, topk: tuple | None = None):
     """The distillation loss of one micro-batch x (B, T): next-token positions 0..T-2 of both models.
 
@@ -384,6 +426,8 @@ def _train_step(student, teacher, blocks: np.ndarray, step: int, opt, sched, cfg
         index = (step * cfg.grad_accum + micro) * world + rank
         idx = batch_indices(len(blocks), cfg.batch_size, index, cfg.seed)
         x = torch.as_tensor(blocks[idx].astype(np.int64), device=device)
+        if on_policy_batch(index, cfg):
+            x = student_continuation(student.module if dist else student, x, cfg.temperature)
         topk = None if cache is None else (torch.as_tensor(cache[0][idx].astype(np.int64), device=device),
                                            torch.as_tensor(cache[1][idx], device=device))
         last = micro == cfg.grad_accum - 1

@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft", help="a draft GGUF for speculative decoding of --model (llama_cpp only)")
     p.add_argument("--draft-k", type=int, default=4, help="draft tokens per teacher pass at the start (adapts 1..8)")
     p.add_argument("--draft-fixed", action="store_true", help="keep --draft-k fixed instead of adapting it")
+    p.add_argument("--draft-temperature", type=float, default=0.0,
+                   help="0: greedy; > 0: speculative sampling at this temperature (the teacher's distribution)")
     return p.parse_args(argv)
 
 
@@ -112,8 +114,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[int]]:
     for name in ("gen_tokens", "repeats", "draft_k"):
         if getattr(args, name) < 1:
             raise AgentError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
-    if args.warmup < 0 or args.cooldown_s < 0 or args.bandwidth_mb < 0:
-        raise AgentError("--warmup, --cooldown-s and --bandwidth-mb must not be negative")
+    if args.warmup < 0 or args.cooldown_s < 0 or args.bandwidth_mb < 0 or not args.draft_temperature >= 0:
+        raise AgentError("--warmup, --cooldown-s, --bandwidth-mb and --draft-temperature must not be negative")
     return int_list(args.prompt_tokens, "--prompt-tokens"), int_list(args.threads, "--threads")
 
 
@@ -380,9 +382,10 @@ def speculative_module():
 def draft_config(args: argparse.Namespace):
     """--draft-k and --draft-fixed as a speculative.DraftConfig (adaptive k: from --draft-k within 1 .. 8 or more)."""
     spec = speculative_module()
+    t = args.draft_temperature
     if args.draft_fixed:
-        return spec.DraftConfig(k=args.draft_k, k_min=args.draft_k, k_max=args.draft_k, adaptive=False)
-    return spec.DraftConfig(k=args.draft_k, k_max=max(spec.DraftConfig.k_max, args.draft_k))
+        return spec.DraftConfig(k=args.draft_k, k_min=args.draft_k, k_max=args.draft_k, adaptive=False, temperature=t)
+    return spec.DraftConfig(k=args.draft_k, k_max=max(spec.DraftConfig.k_max, args.draft_k), temperature=t)
 
 
 def open_decoder(args: argparse.Namespace, rt, draft):

@@ -1,4 +1,4 @@
-"""Greedy speculative decoding on llama.cpp: a small draft model proposes tokens, the teacher checks them in one pass.
+"""Speculative decoding on llama.cpp: a small draft model proposes tokens, the teacher checks them in one pass.
 
 Speculative decoding (Leviathan, Kalman and Matias 2023, "Fast Inference from Transformers via Speculative
 Decoding"; Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling"), greedy case:
@@ -11,6 +11,13 @@ logits in a batch differ slightly from the same position evaluated alone, so at 
 pick a different token from the one that one-token-at-a-time decoding picks.)
 Rejected positions are removed from both KV caches (`rollback`: llama.cpp's `llama_memory_seq_rm` through
 llama-cpp-python's context wrapper, and `Llama.n_tokens`, which the next `eval` continues from).
+
+Sampling (`DraftConfig.temperature` > 0) uses the speculative sampling rule instead (Leviathan et al. 2023,
+Algorithm 1; Chen et al. 2023, Algorithm 2; `accept_sampled`): the draft samples its k tokens from its own
+distribution q, draft i is kept with probability min(1, p_i(d_i) / q_i(d_i)) where p is the teacher's, the first
+rejected position draws from the residual max(0, p_i - q_i) renormalised, and a step whose drafts were all kept
+draws a bonus token from p_k. Every emitted token is then distributed exactly as the teacher's own sample at that
+temperature would be.
 
 k adapts (`DraftConfig.adaptive`): one more after a step whose drafts were all accepted, one fewer after a
 rejection, within [k_min, k_max] (the "heuristic" schedule of transformers' assisted generation, with steps of 1).
@@ -38,10 +45,14 @@ class DraftConfig:
     k_min: int = 1  # adaptive k never goes below this
     k_max: int = 8  # nor above this; the teacher's verify batch is at most k_max + 1 tokens
     adaptive: bool = True  # +1 after a fully accepted step, -1 after a rejection; False keeps k fixed
+    temperature: float = 0.0  # 0: greedy (the teacher's argmax); > 0: speculative sampling at this temperature
+    seed: int = 0  # the sampling generator's seed (temperature > 0)
 
     def __post_init__(self):
         if not 1 <= self.k_min <= self.k <= self.k_max:
             raise ValueError(f"draft k {self.k} must lie in 1 <= k_min ({self.k_min}) <= k <= k_max ({self.k_max})")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature {self.temperature} must be 0 (greedy) or positive")
 
 
 @dataclass
@@ -92,6 +103,31 @@ def accepted_prefix(drafts: list[int], greedy: list[int]) -> int:
     return m
 
 
+def probabilities(logits, temperature: float) -> np.ndarray:
+    """softmax(logits / temperature) in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def draw(probs: np.ndarray, rng) -> int:
+    return int(rng.choice(len(probs), p=probs))
+
+
+def accept_sampled(drafts: list[int], q: list[np.ndarray], p: list[np.ndarray], rng) -> tuple[int, int]:
+    """Speculative sampling's rule: (drafts kept, the token after them). Draft i, drawn from q[i], is kept with
+    probability min(1, p[i][d] / q[i][d]); at the first rejection the token is drawn from max(0, p[i] - q[i])
+    renormalised; when all are kept, from p[len(drafts)]. Each emitted token is distributed as p at its position
+    (Leviathan et al. 2023, Theorem 3.5). `p` has one more row than `drafts`."""
+    for i, d in enumerate(drafts):
+        if rng.random() * q[i][d] < p[i][d]:
+            continue
+        residual = np.maximum(p[i] - q[i], 0.0)
+        total = residual.sum()
+        return i, draw(residual / total if total > 0 else p[i], rng)
+    return len(drafts), draw(p[len(drafts)], rng)
+
+
 def next_k(k: int, proposed: int, m: int, cfg: DraftConfig) -> int:
     """The adaptive schedule: grow after a full step at the current k, shrink after a rejection."""
     if not cfg.adaptive:
@@ -113,8 +149,9 @@ def argmax_at(llm, pos: int) -> int:
 
 
 class SpeculativeDecoder:
-    """Greedy speculative decoding of `target` (the teacher) with `draft`, two llama_cpp.Llama objects loaded with
-    logits_all=True and the same vocabulary. `prefill` starts a sequence, each `step` emits 1 .. k+1 tokens."""
+    """Speculative decoding of `target` (the teacher) with `draft` (greedy, or sampling at `cfg.temperature`), two
+    llama_cpp.Llama objects loaded with logits_all=True and the same vocabulary. `prefill` starts a sequence, each
+    `step` emits 1 .. k+1 tokens."""
 
     def __init__(self, target, draft, cfg: DraftConfig = DraftConfig()):
         check_pair(target, draft)
@@ -122,12 +159,20 @@ class SpeculativeDecoder:
         self.k = cfg.k
         self.ids: list[int] = []  # prompt and output so far; the teacher's cache holds all but the last
         self.stats = SpecStats()
+        self.rng = np.random.default_rng(cfg.seed)
+        self.q: list[np.ndarray] = []  # sampling: the draft's distribution for each token of the last proposal
+
+    def pick(self, llm, pos: int) -> int:
+        """The token at `pos`: the argmax (greedy) or a sample at the temperature."""
+        if not self.cfg.temperature:
+            return argmax_at(llm, pos)
+        return draw(probabilities(llm.scores[pos], self.cfg.temperature), self.rng)
 
     def prefill(self, ids: list[int]) -> int:
         """Both models read the prompt into fresh caches; returns the teacher's first greedy token."""
         self.target.reset()
         self.target.eval(ids)
-        first = argmax_at(self.target, len(ids) - 1)
+        first = self.pick(self.target, len(ids) - 1)
         self.draft.reset()
         self.draft.eval(ids)
         self.ids, self.k = [*ids, first], self.cfg.k
@@ -148,9 +193,14 @@ class SpeculativeDecoder:
         drafts = self.propose(k)
         t1 = time.perf_counter()
         self.target.eval([self.ids[-1], *drafts])  # one batch, logits at all k + 1 positions
-        greedy = [argmax_at(self.target, n0 + j) for j in range(k + 1)]
-        m = accepted_prefix(drafts, greedy)
-        out = [*drafts[:m], greedy[m]]
+        if self.cfg.temperature:
+            p = [probabilities(self.target.scores[n0 + j], self.cfg.temperature) for j in range(k + 1)]
+            m, last = accept_sampled(drafts, self.q, p, self.rng)
+        else:
+            greedy = [argmax_at(self.target, n0 + j) for j in range(k + 1)]
+            m = accepted_prefix(drafts, greedy)
+            last = greedy[m]
+        out = [*drafts[:m], last]
         rollback(self.target, n0 + 1 + m)  # keep the last token and the accepted drafts
         self.ids += out
         self.sync_draft()
@@ -159,16 +209,24 @@ class SpeculativeDecoder:
         return out
 
     def propose(self, k: int) -> list[int]:
-        """k greedy draft tokens continuing `ids`: the draft first reads what it has not seen (1 or 2 tokens), then
-        takes k - 1 single steps."""
+        """k draft tokens continuing `ids` (greedy, or sampled with their distributions kept in `self.q`): the draft
+        first reads what it has not seen (1 or 2 tokens), then takes k - 1 single steps."""
+        self.q = []
         if k == 0:
             return []
         self.draft.eval(self.ids[self.draft.n_tokens:])
-        drafts = [argmax_at(self.draft, self.draft.n_tokens - 1)]
+        drafts = [self.propose_one()]
         while len(drafts) < k:
             self.draft.eval(drafts[-1:])
-            drafts.append(argmax_at(self.draft, self.draft.n_tokens - 1))
+            drafts.append(self.propose_one())
         return drafts
+
+    def propose_one(self) -> int:
+        pos = self.draft.n_tokens - 1
+        if not self.cfg.temperature:
+            return argmax_at(self.draft, pos)
+        self.q.append(probabilities(self.draft.scores[pos], self.cfg.temperature))
+        return draw(self.q[-1], self.rng)
 
     def sync_draft(self) -> None:
         """Cut the draft's cache back to the positions that agree with the output (never past the last token, whose
@@ -181,7 +239,7 @@ class SpeculativeDecoder:
             rollback(self.draft, keep)
 
     def generate(self, ids: list[int], n: int, stop: int | None = None) -> list[int]:
-        """`n` greedy tokens after the prompt `ids`, or fewer ending with `stop`."""
+        """`n` tokens (greedy, or sampled) after the prompt `ids`, or fewer ending with `stop`."""
         return self.extend([self.prefill(ids)], n, stop)
 
     def extend(self, out: list[int], n: int, stop: int | None = None) -> list[int]:

@@ -1,12 +1,12 @@
 """`pistill search`: the best student for a decode-speed and memory budget on a device, found by measuring on it.
 
 An Optuna study (TPE, two objectives: quality and decode tok/s, with the budget as constraints) proposes a pruning
-shape (layers, MLP share, query heads), a file type (GGUF types, ONNX int4) and a thread count. Before anything is built, `speedmodel`
-predicts the trial's file bytes, decode and prefill speed and peak memory on the device; a trial predicted to miss
-the budget by more than `skip_margin` is skipped (recorded, not built). Every other trial runs the recipe's stages
-with that shape (prune, the shared distillation teacher, a short healing distillation, the export with its checks),
-is benchmarked on the target and scored (held-out perplexity and KL of the file, zero-shot accuracy on the recipe's
-tasks), and its measurement refits the predictor.
+shape (layers, MLP share, query heads), a file type (GGUF types, ONNX int4) and a thread count. Before anything is
+built, `speedmodel` predicts the trial's file bytes, decode and prefill speed and peak memory on the device; a trial
+predicted to miss the budget by more than `skip_margin` is skipped (recorded, not built). Every other trial runs the
+recipe's stages with that shape (prune, the shared distillation teacher, a short healing distillation, the export
+with its checks), is benchmarked on the target and scored (held-out perplexity and KL of the file, zero-shot
+accuracy on the recipe's tasks), and its measurement refits the predictor.
 
 Everything is an artifact: the teacher, the data and the distillation teacher once in `<out>/shared`, each trial's
 stages in `<out>/trials/<params hash>` (content-keyed: a finished stage is skipped), the study in `<out>/study.db`

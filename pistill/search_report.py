@@ -45,7 +45,8 @@ def tables(doc: dict) -> dict[str, list[list[str]]]:
              "held-out ppl", "acc_norm per task"]]
     for r in doc["references"]:
         ms = r["measured"]
-        refs.append([r["name"], _f(r["bytes"] / 1e6), *[_f(ms[str(t)].get("decode_tps")) for t in doc["space"]["threads"]],
+        speeds = [_f(ms[str(t)].get("decode_tps")) for t in doc["space"]["threads"]]
+        refs.append([r["name"], _f(r["bytes"] / 1e6), *speeds,
                      _f(max((m.get("peak_rss_mb") or 0) for m in ms.values()), ".0f"),
                      _f((r["quality"] or {}).get("ppl"), ".2f"), _acc(r["quality"])])
     trials = [["#", "layers", "MLP", "type", "thr", "params M", "MB pred / meas", "decode pred / meas (err)",
@@ -88,11 +89,12 @@ def summary_lines(doc: dict) -> list[str]:
         lines.append("- **No measured trial meets the budget.** Loosen it, or widen the space.")
     else:
         m, c = chosen["measured"], chosen.get("confirm") or {}
-        again = f"; benchmarked again: decode {_f(c.get('decode_tps'))} tok/s, peak {_f(c.get('peak_rss_mb'), '.0f')} MB" \
-            if c else ""
-        lines.append(f"- **Chosen: trial #{chosen['number']}**: {chosen['params']['n_layer']} layers, MLP "
-                     f"{chosen['params']['ffn_ratio']:g}, {chosen['params']['quant']}, {chosen['params']['threads']} "
-                     f"thread{'s' if chosen['params']['threads'] > 1 else ''}; decode {_f(m['decode_tps'])} tok/s, peak {_f(m['peak_rss_mb'], '.0f')} MB, "
+        again = (f"; benchmarked again: decode {_f(c.get('decode_tps'))} tok/s, peak "
+                 f"{_f(c.get('peak_rss_mb'), '.0f')} MB") if c else ""
+        p = chosen["params"]
+        lines.append(f"- **Chosen: trial #{chosen['number']}**: {p['n_layer']} layers, MLP {p['ffn_ratio']:g}, "
+                     f"{p['quant']}, {p['threads']} thread{'s' if p['threads'] > 1 else ''}; decode "
+                     f"{_f(m['decode_tps'])} tok/s, peak {_f(m['peak_rss_mb'], '.0f')} MB, "
                      f"held-out ppl {_f(chosen['quality'].get('ppl'), '.2f')}{again}. Recipe: `{doc['best_recipe']}` "
                      f"(`pistill run {doc['best_recipe']}` builds it again, with the full report).")
     return lines

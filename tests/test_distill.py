@@ -164,7 +164,8 @@ def test_config_round_trip(cfg):
     ({"steps": 0}, "steps = 0"), ({"batch_size": 0}, "batch_size = 0"), ({"grad_accum": 0}, "grad_accum = 0"),
     ({"lr": 0.0}, "lr = 0.0"), ({"min_lr_ratio": 2.0}, "min_lr_ratio = 2.0"), ({"alpha": -0.1}, "alpha = -0.1"),
     ({"temperature": 0.0}, "temperature = 0.0"), ({"ckpt_every": -1}, "ckpt_every = -1"), ({"clip": -1.0}, "clip"),
-    ({"loss": "kl"}, "supported: forward_kl, jsd, reverse_kl"), ({"beta": 1.5}, "beta = 1.5"),
+    ({"loss": "kl"}, "supported: forward_kl, jsd, reverse_kl, tv"), ({"on_policy": 1.5}, "on_policy = 1.5"),
+    ({"on_policy": 0.5, "teacher_topk": 8}, "teacher_topk = 0"), ({"beta": 1.5}, "beta = 1.5"),
     ({"teacher_topk": -1}, "teacher_topk = -1"), ({"grad_checkpointing": "yes"}, "auto, on, off"),
     ({"qat": "q4"}, "qat 'q4' is not supported; use one of none, q4_0, int4"), ({"qat_start": 1.0}, "qat_start = 1.0"),
 ])
@@ -270,6 +271,40 @@ def killed_after(monkeypatch, steps: int):
         yield
     finally:
         monkeypatch.setattr(distill, "_train_step", real_step)
+
+
+def test_on_policy_batches_are_the_students_samples_after_the_blocks_first_half(teacher, student_dir):
+    from pistill.compress.distill import on_policy_batch, student_continuation
+
+    x = torch.as_tensor(blocks(3, t=10).astype(np.int64))
+    model = load(student_dir).train()
+    torch.manual_seed(0)
+    got = student_continuation(model, x)
+    assert got.shape == x.shape and torch.equal(got[:, :5], x[:, :5]) and not torch.equal(got[:, 5:], x[:, 5:])
+    assert int(got.max()) < model.config.vocab_size and model.training  # training mode is given back
+    torch.manual_seed(0)
+    assert torch.equal(student_continuation(model, x), got)  # the torch generator decides: checkpoints restore it
+    cfg = DistillConfig(on_policy=0.5)
+    picks = [on_policy_batch(i, cfg) for i in range(400)]
+    assert 150 < sum(picks) < 250 and picks == [on_policy_batch(i, cfg) for i in range(400)]
+    assert not any(on_policy_batch(i, DistillConfig()) for i in range(50))
+    assert all(on_policy_batch(i, DistillConfig(on_policy=1.0)) for i in range(50))
+
+
+def test_on_policy_distillation_trains_and_resumes_exactly(teacher, student_dir, tmp_path, monkeypatch):
+    cfg = DistillConfig(steps=6, lr=3e-3, warmup_steps=1, batch_size=2, eval_every=0, ckpt_every=2, on_policy=0.5,
+                        loss="tv")
+    data = blocks()
+    whole = load(student_dir)
+    want = train(whole, teacher, data, data[:2], cfg, tmp_path / "whole")
+    assert np.isfinite(want["loss_last"]) and want["steps"] == 6
+    with killed_after(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
+        train(load(student_dir), teacher, data, data[:2], cfg, tmp_path / "resumed")
+    resumed = load(student_dir)
+    got = train(resumed, teacher, data, data[:2], cfg, tmp_path / "resumed")
+    assert got["loss_last"] == pytest.approx(want["loss_last"], rel=1e-4)
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(teacher, student_dir, tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pistill.device.runtimes import LlamaCppRuntime
-from pistill.device.speculative import DraftConfig, DraftError, SpeculativeDecoder, accepted_prefix, next_k
+from pistill.device.speculative import (DraftConfig, DraftError, SpeculativeDecoder, accept_sampled, accepted_prefix,
+                                       next_k, probabilities)
 from test_agent import AGENT, check_schema, run_agent
 from tiny import first_layers, make_model
 
@@ -215,3 +216,54 @@ def test_bench_speculative_runs_at_tiny_size(ggufs, tmp_path):
     assert all(r["verify_ms"] > 0 and r["predicted_speedup"] > 0 for r in out["cost"]["rows"])
     assert json.loads((tmp_path / "speculative.json").read_text())["decoders"] == out["decoders"]
     assert (tmp_path / "speculative.md").read_text().startswith("| decoding | decode tok/s |")
+
+
+# --- sampling ---------------------------------------------------------------------------------------------------
+
+def test_speculative_sampling_rule_gives_the_teachers_distribution():
+    """Drafts drawn from q and kept or replaced by the rule come out distributed as p, at every position a step
+    emits (Monte Carlo over 5 tokens, 40 000 steps of k = 2)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    p = [np.array(x) for x in ([0.5, 0.2, 0.1, 0.1, 0.1], [0.05, 0.05, 0.6, 0.2, 0.1], [0.3, 0.3, 0.2, 0.1, 0.1])]
+    q = [np.array(x) for x in ([0.1, 0.6, 0.1, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2])]
+    first, second, n = np.zeros(5), np.zeros(5), 40_000
+    for _ in range(n):
+        drafts = [int(rng.choice(5, p=q[0])), int(rng.choice(5, p=q[1]))]
+        m, token = accept_sampled(drafts, q, p[:3], rng)
+        out = [*drafts[:m], token]
+        first[out[0]] += 1
+        if len(out) > 1:  # the second position is emitted only after the first draft was kept, as p at position 1
+            second[out[1]] += 1
+    assert 0.5 * np.abs(first / n - p[0]).sum() < 0.01
+    assert 0.5 * np.abs(second / second.sum() - p[1]).sum() < 0.02
+    same = accept_sampled([1, 2], [p[0], p[1]], p, rng)  # a draft with the teacher's distribution is always kept
+    assert same[0] == 2
+
+
+def test_sampling_with_the_teacher_as_its_own_draft_keeps_every_draft_and_is_reproducible(models, references):
+    cfg = DraftConfig(k=3, temperature=0.8, seed=7)
+    ids = next(iter(references.values()))[0]
+    runs = []
+    for _ in range(2):
+        dec = SpeculativeDecoder(models["teacher"].llm, models["self"].llm, cfg)
+        runs.append(dec.generate(ids, N))
+        s = dec.stats.summary()
+        assert s["acceptance_rate"] > 0.99 and s["emitted"] == N - 1
+    assert runs[0] == runs[1] and len(runs[0]) == N  # the same seed, the same tokens
+    # a sharp temperature (the tiny models' logits are small): the pruned draft is kept sometimes, rejected sometimes
+    other = SpeculativeDecoder(models["teacher"].llm, models["student"].llm, DraftConfig(k=3, temperature=0.05, seed=8))
+    out = other.generate(ids, N)
+    assert len(out) == N and all(0 <= t < models["teacher"].llm.n_vocab() for t in out)
+    assert 0 < other.stats.summary()["acceptance_rate"] < 1
+
+
+def test_probabilities_and_temperature_bounds():
+    import numpy as np
+
+    p = probabilities(np.array([0.0, np.log(3.0)]), 1.0)
+    assert p == pytest.approx([0.25, 0.75])
+    assert probabilities(np.array([0.0, 1.0]), 0.01)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="temperature -1"):
+        DraftConfig(temperature=-1)
