@@ -128,7 +128,12 @@ def _run_locked(configs: dict, out: Path, force: str | None) -> dict[str, Artifa
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temp file, then rename)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)

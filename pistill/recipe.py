@@ -87,28 +87,14 @@ def from_dict(doc: dict, path: Path | None = None) -> Recipe:
 
 
 def dumps(rec: Recipe) -> str:
-    """The recipe as TOML: name, out and every stage's table with every option written out (unset ones, None, left
-    out), so that loading it gives the same configs whatever the defaults become."""
-    lines = [f"name = {_toml(rec.name)}", f"out = {_toml(rec.out)}"]
-    for st in STAGES:
-        lines += ["", f"[{st.name}]"]
-        lines += [f"{k} = {_toml(v)}" for k, v in dataclasses.asdict(rec.configs[st.name]).items() if v is not None]
-    return "\n".join(lines) + "\n"
-
-
-def _toml(value: Any) -> str:
-    """A TOML value: strings as JSON strings (a subset of TOML's basic strings), lists of values, numbers."""
+    """The recipe as TOML: name, out and every stage's table with every option written out (unset ones, None,
+    commented out), so that loading it gives the same configs whatever the defaults become."""
     import json
 
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    raise TypeError(f"{type(value).__name__} has no TOML form")
+    from .report_table import toml_block
+
+    tables = {st.name: dataclasses.asdict(rec.configs[st.name]) for st in STAGES}
+    return f"name = {json.dumps(rec.name)}\nout = {json.dumps(rec.out)}\n\n{toml_block(tables)}\n"
 
 
 def build_config(stage: Stage, table: Any):

@@ -572,7 +572,7 @@ def confirm(s: Search, row: dict) -> dict:
 def finish(s: Search, study, space: Space, wall_s: float) -> Path:
     """Choose, confirm, and write best.toml, search.json, search.md and search.html."""
     from . import recipe
-    from .pipeline import write_json
+    from .pipeline import write_json, write_text
     from .search_report import render_html, render_md
 
     rows = trial_rows(study, s.cfg)
@@ -591,7 +591,7 @@ def finish(s: Search, study, space: Space, wall_s: float) -> Path:
         cfgs = trial_configs(s.rec, chosen["params"], s.cfg, s.bench)
         rec = recipe.Recipe(f"{s.rec.name}-best", str(s.out / "best"), cfgs)
         best = s.out / "best.toml"
-        _write_text(best, f"# pistill search: trial #{chosen['number']} ({describe_params(chosen['params'])}), "
+        write_text(best, f"# pistill search: trial #{chosen['number']} ({describe_params(chosen['params'])}), "
                           f"from {s.rec.path or 'the recipe'}\n" + recipe.dumps(rec))
     doc = {"schema_version": 1, "recipe": str(s.rec.path) if s.rec.path else None, "targets": s.bench.fleet(),
            "config": dataclasses.asdict(s.cfg), "space": dataclasses.asdict(space), "objective": s.cfg.objective,
@@ -599,16 +599,8 @@ def finish(s: Search, study, space: Space, wall_s: float) -> Path:
            "wall_s": round(wall_s, 1), "front": front_keys(rows, s.cfg), "references": s.references, "trials": rows,
            "predictor": s.model.describe(list(space.threads), list(space.quants))}
     write_json(s.out / "search.json", doc)
-    _write_text(s.out / "search.md", render_md(doc))
-    _write_text(s.out / "search.html", render_html(doc))
+    write_text(s.out / "search.md", render_md(doc))
+    write_text(s.out / "search.html", render_html(doc))
     if chosen is None:
         log.warning("search: no measured trial meets the budget; see %s", s.out / "search.md")
     return s.out / "search.md"
-
-
-def _write_text(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -4,13 +4,14 @@ speed, the predictor's error, and (HTML) the front: quality against decode speed
 from __future__ import annotations
 
 import html
-import math
 
 from .report_html import png
+from .report_table import cell
 
 
-def _f(v, fmt: str = ".1f", none: str = "–") -> str:
-    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else none
+def _f(v, spec: str = ".1f") -> str:
+    """A figure in `spec`, or "–" when missing or not finite."""
+    return cell(v, lambda x: format(x, spec))
 
 
 def _pct(v) -> str:
