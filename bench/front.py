@@ -1,10 +1,12 @@
 """Is the student better than the teacher's own 4-bit file? Pruning shapes, distillation budgets and QAT, measured.
 
-    python bench/front.py [--recipe recipes/default.toml] [--variants mlp-50,depth-9,...] [--mc-data DIR]
-                          [--mc-start 1000] [--mc-items 500] [--formats gguf,onnx] [--pruned]
-                          [--out runs/bench-front]
+    python bench/front.py [--recipe recipes/default.toml] [--variants mlp-50,depth-9,depth-6+vocab-16k+mend,...]
+                          [--mc-data DIR] [--mc-start 1000] [--mc-items 500] [--formats gguf,onnx]
+                          [--pruned | --pruned-only] [--out runs/bench-front]
 
-Every variant is the recipe with some stage options changed (a pruning shape, distillation steps, QAT, data): the
+Every variant is the recipe with some stage options changed (a pruning shape, distillation steps, QAT, data), named
+in VARIANTS or composed with "+" from the levers of `lever` (depth-N: N layers dropped; vocab-Kk: K x 1024 tokens
+kept; mend: the linear map across each run of dropped layers; angular: layers chosen by angular distance): the
 script runs its prune, quantize, distill and gguf stages (and onnx with `--formats gguf,onnx`) into
 `<out>/<variant>/`, sharing the recipe's teacher and data artifacts (a variant that changes [data] gets its own)
 and reusing any stage already there, then for the student's GGUF (the recipe's first quant type) and ONNX folder
@@ -16,7 +18,8 @@ measures
     `--mc-start` of the files in `--mc-data` (by default items the report's shipped 500 do not contain: choosing
     a default on the items it is then judged by would flatter it),
   - held-out perplexity from the artifacts.
-`--pruned` adds the pruned model before distillation, exported and measured like the student. The teacher's own
+`--pruned` adds the pruned model before distillation, exported and measured like the student; `--pruned-only`
+measures that model alone (no quantize or distill stage: what pruning, trimming and mending keep). The teacher's own
 GGUF at the same type (the baseline stage) is measured the same way, and every row is compared
 with it: decode speed-up, and the share of the teacher file's accuracy above chance that the row keeps (mean over
 the tasks; chance 0.25 and 0.5). Prints a Markdown table and writes `<out>/front.json` after every row.
@@ -47,6 +50,33 @@ VARIANTS: dict[str, dict[str, dict]] = {  # name -> {stage: config changes on to
     "depth-8 x8 steps": {"prune": {"ffn_ratio": 1.0, "n_layer": 22}, "distill": {"steps": 400}},
 }
 STUDENT_STAGES = ("prune", "quantize", "distill", "gguf")
+TEACHER_LAYERS = 30  # SmolLM2-135M's depth, for depth-N
+
+
+def lever(token: str) -> dict[str, dict]:
+    """One lever of a composed variant name as stage config changes."""
+    import re
+
+    if m := re.fullmatch(r"depth-(\d+)", token):
+        return {"prune": {"ffn_ratio": 1.0, "n_layer": TEACHER_LAYERS - int(m[1])}}
+    if m := re.fullmatch(r"vocab-(\d+)k", token):
+        return {"prune": {"vocab": int(m[1]) * 1024}}
+    fixed = {"mend": {"prune": {"mend": "linear"}}, "angular": {"prune": {"layer_metric": "angular"}},
+             "qat": {"distill": {"qat": "q4_0"}}}
+    if token not in fixed:
+        raise SystemExit(f"unknown lever '{token}' in a variant; use depth-N, vocab-Kk, mend, angular or qat")
+    return fixed[token]
+
+
+def changes_of(name: str) -> dict[str, dict]:
+    """A variant's stage config changes: from VARIANTS, or its "+"-joined levers merged in order."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    out: dict[str, dict] = {}
+    for token in name.split("+"):
+        for st, ch in lever(token).items():
+            out.setdefault(st, {}).update(ch)
+    return out
 
 
 def shared(rec, out: Path) -> dict:
@@ -61,12 +91,14 @@ def shared(rec, out: Path) -> dict:
     return arts
 
 
-def student(rec, base: dict, changes: dict, folder: Path, formats: list[str]) -> dict:
-    """The variant's stages (and its own data, when it changes [data]) into `folder`; name -> artifact."""
+def student(rec, base: dict, changes: dict, folder: Path, formats: list[str], pruned_only: bool = False) -> dict:
+    """The variant's stages (and its own data, when it changes [data]) into `folder`; name -> artifact. With
+    `pruned_only`, the prune stage alone."""
     from pistill.pipeline import run_stage, stage
 
     arts = dict(base)
-    stages = (("data",) if "data" in changes else ()) + STUDENT_STAGES + (("onnx",) if "onnx" in formats else ())
+    stages = (("data",) if "data" in changes else ()) + \
+        (("prune",) if pruned_only else STUDENT_STAGES + (("onnx",) if "onnx" in formats else ()))
     for name in stages:
         cfg = dataclasses.replace(rec.configs[name], **changes.get(name, {}))
         st = stage(name)
@@ -108,7 +140,7 @@ def measure(view, items: dict[str, list]) -> dict:
 
     acc = score_model(view, items, EvalConfig(items=0))["tasks"]
     return {"path": str(view.path), "file": view.model["file"], "bytes": view.metrics.get("bytes"),
-            "ppl": view.metrics.get("ppl"), **{f"{t}_acc_norm": acc[t]["acc_norm"] for t in TASKS},
+            "bpb": view.metrics.get("bpb"), "ppl": view.metrics.get("ppl"), **{f"{t}_acc_norm": acc[t]["acc_norm"] for t in TASKS},
             **{f"{t}_stderr": acc[t]["acc_norm_stderr"] for t in TASKS}, "n": acc[next(iter(TASKS))]["n"]}
 
 
@@ -157,21 +189,27 @@ def compare(row: dict, ref: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | shape | distill | size (MB) | held-out ppl | decode tok/s | × teacher | "
+    head = ("| model | shape | distill | size (MB) | bits/byte | decode tok/s | × teacher | "
             + " | ".join(f"{label} acc_norm" for label, _ in TASKS.values()) + " | kept above chance |")
     lines = [head, "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(TASKS) + "---:|"]
     for r in rows:
         accs = " | ".join(f"{r[f'{t}_acc_norm']:.3f} ± {r[f'{t}_stderr']:.3f}" for t in TASKS)
         lines.append(f"| {r['name']} | {r.get('shape', '–')} | {r.get('distill', '–')} | {r['bytes'] / 1e6:.1f} | "
-                     f"{r['ppl']:.2f} | {r['decode_tps']:.1f} | {r['speedup']:.2f} | {accs} | "
+                     f"{r['bpb']:.3f} | {r['decode_tps']:.1f} | {r['speedup']:.2f} | {accs} | "
                      f"{100 * r['retention']:.0f}% |")
     return "\n".join(lines)
 
 
 def describe(arts: dict) -> dict:
-    p, d = arts["prune"].metrics, arts["distill"].metrics
-    cfg = arts["distill"].manifest["config"]
-    return {"shape": f"{p['n_layer']} layers, MLP {p['ffn_dim']}, {p['n_heads']}/{p['kv_heads']} heads",
+    p, pc = arts["prune"].metrics, arts["prune"].manifest["config"]
+    shape = f"{p['n_layer']} layers, MLP {p['ffn_dim']}, {p['n_heads']}/{p['kv_heads']} heads"
+    shape += f", vocab {p['vocab_size']}" if p.get("vocab_size") else ""
+    shape += ", mended" if pc.get("mend", "none") != "none" else ""
+    shape += ", angular" if pc.get("layer_metric") == "angular" else ""
+    if "distill" not in arts:
+        return {"shape": shape, "distill": "none", "params": p.get("params")}
+    d, cfg = arts["distill"].metrics, arts["distill"].manifest["config"]
+    return {"shape": shape,
             "distill": f"{d.get('steps')} steps" + (f", QAT {cfg['qat']}" if cfg.get("qat", "none") != "none" else ""),
             "distill_s": arts["distill"].manifest.get("wall_s"), "params": p.get("params")}
 
@@ -198,13 +236,13 @@ def main() -> None:
     ap.add_argument("--formats", default="gguf", help="student files measured: gguf, onnx or gguf,onnx")
     ap.add_argument("--speed-rounds", type=int, default=3, help="times every model is benchmarked, in turn")
     ap.add_argument("--pruned", action="store_true", help="also measure the pruned model's GGUF before distillation")
+    ap.add_argument("--pruned-only", action="store_true", help="measure the pruned model's GGUF alone (no distill)")
     ap.add_argument("--speed-only", action="store_true", help="measure the speeds of the rows already in front.json")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-front"))
     args = ap.parse_args()
     formats = args.formats.split(",")
     names = args.variants.split(",")
-    if unknown := [n for n in names if n not in VARIANTS]:
-        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = {n: changes_of(n) for n in names}  # SystemExit on an unknown lever
     rec = recipe.load(args.recipe)
     items = mc_items(args.mc_data, args.mc_start, args.mc_items)
     base = {} if args.speed_only else shared(rec, args.out)
@@ -214,14 +252,15 @@ def main() -> None:
     ref = next((r for r in report["rows"] if r["name"] == "teacher GGUF"), None)
     for name in [] if args.speed_only else names:
         print(f"{name}:", flush=True)
-        arts = student(rec, base, VARIANTS[name], args.out / name.replace(" ", "_"), formats)
-        if ref is None:
-            ref = {"name": "teacher GGUF", **measure(baseline(rec, arts, args.out), items)}
+        arts = student(rec, base, variants[name], args.out / name.replace(" ", "_"), formats, args.pruned_only)
+        views = {} if args.pruned_only else {fmt: arts[fmt] for fmt in formats}
+        if args.pruned or args.pruned_only:
+            views["gguf, before distillation"] = pruned_gguf(rec, arts, args.out / name.replace(" ", "_"))
+        if ref is None:  # the baseline takes the student GGUF's type policy
+            gguf = arts.get("gguf") or views["gguf, before distillation"]
+            ref = {"name": "teacher GGUF", **measure(baseline(rec, {**arts, "gguf": gguf}, args.out), items)}
             report["rows"].append(ref)
         report["rows"] = [r for r in report["rows"] if r.get("variant") != name]  # measured again below
-        views = {fmt: arts[fmt] for fmt in formats}
-        if args.pruned:
-            views["gguf, before distillation"] = pruned_gguf(rec, arts, args.out / name.replace(" ", "_"))
         for fmt, view in views.items():
             row = {"name": f"{name} ({fmt})", "variant": name, "format": fmt, **describe(arts), **measure(view, items)}
             report["rows"].append(row)

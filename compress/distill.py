@@ -580,29 +580,60 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
 
 # --- the stage ----------------------------------------------------------------------------------------------------
 
-def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:
-    """Refuse to distil across vocabularies: the KL compares the two models' logits token id by token id."""
-    from pistill.models import load_tokenizer, read_config
+def check_tokenizers(teacher_dir: Path, student_dir: Path):
+    """Refuse to distil across vocabularies: the KL compares the two models' logits token id by token id. A student
+    whose vocabulary was trimmed from the teacher's (compress/vocab.py) is compared on its kept tokens; its
+    VocabMap is returned (None for the teacher's own vocabulary)."""
+    from pistill.models import read_config
 
+    from pistill.vocab_map import VocabMap
+
+    vocab = VocabMap.load(student_dir)
+    vt, vs = read_config(teacher_dir)["vocab_size"], read_config(student_dir)["vocab_size"]
+    if vocab is not None and VocabMap.load(teacher_dir) is None:  # else both trimmed alike, or neither
+        check_trimmed(teacher_dir, student_dir, vocab, vt)
+        return vocab
     a, b = Path(teacher_dir) / "tokenizer.json", Path(student_dir) / "tokenizer.json"
     if not (a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()):
-        va, vb = load_tokenizer(teacher_dir).get_vocab(), load_tokenizer(student_dir).get_vocab()
-        if va != vb:
-            diff = sorted(set(va.items()) ^ set(vb.items()), key=lambda kv: kv[1])[:3]
-            raise InputError(f"the teacher ({teacher_dir}, {len(va)} tokens) and the student ({student_dir}, "
-                             f"{len(vb)} tokens) have different tokenizers, e.g. {diff}; distillation needs one "
-                             "vocabulary: start the student from the teacher (the prune stage) or share its tokenizer")
-    vt, vs = read_config(teacher_dir)["vocab_size"], read_config(student_dir)["vocab_size"]
+        _same_vocab(teacher_dir, student_dir)
     if vt != vs:
         raise InputError(f"teacher vocab_size {vt} != student vocab_size {vs}: the logits cannot be compared; "
                          "start the student from the teacher (the prune stage)")
+    return vocab
 
 
-def training_blocks(data: Artifact, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The train and held-out blocks of a data artifact, checked against the student's vocabulary."""
+def _same_vocab(teacher_dir: Path, student_dir: Path) -> None:
+    from pistill.models import load_tokenizer
+
+    va, vb = load_tokenizer(teacher_dir).get_vocab(), load_tokenizer(student_dir).get_vocab()
+    if va != vb:
+        diff = sorted(set(va.items()) ^ set(vb.items()), key=lambda kv: kv[1])[:3]
+        raise InputError(f"the teacher ({teacher_dir}, {len(va)} tokens) and the student ({student_dir}, "
+                         f"{len(vb)} tokens) have different tokenizers, e.g. {diff}; distillation needs one "
+                         "vocabulary: start the student from the teacher (the prune stage) or share its tokenizer")
+
+
+def check_trimmed(teacher_dir: Path, student_dir: Path, vocab, teacher_vocab: int) -> None:
+    """A trimmed student's map must point into this teacher's vocabulary, token for token."""
+    from pistill.models import load_tokenizer
+
+    t_tok, s_tok = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
+    same = t_tok.convert_ids_to_tokens(vocab.kept.tolist()) == s_tok.convert_ids_to_tokens(list(range(vocab.size)))
+    if vocab.teacher_vocab_size != teacher_vocab or not same:
+        raise InputError(f"the student {student_dir} was trimmed from another vocabulary than the teacher's "
+                         f"({teacher_dir}, {teacher_vocab} tokens); prune it from this teacher")
+
+
+def training_blocks(data: Artifact, vocab_size: int, vocab=None) -> tuple[np.ndarray, np.ndarray]:
+    """The train and held-out blocks of a data artifact, checked against the student's vocabulary; in a trimmed
+    student's ids (`vocab`, its VocabMap) when it has one."""
     from pistill.data import load_blocks
 
     blocks, heldout = load_blocks(data, "train"), load_blocks(data, "heldout")
+    if vocab is not None:
+        if max(blocks.max(), heldout.max()) >= vocab.teacher_vocab_size:
+            raise InputError("the data holds token ids outside the teacher's vocabulary; rebuild the data artifact")
+        return vocab.to_student_blocks(blocks), vocab.to_student_blocks(heldout)
     if max(blocks.max(), heldout.max()) >= vocab_size:
         raise InputError(f"the data holds token ids >= the student's vocab_size {vocab_size}; it was built with "
                          "another tokenizer: rebuild the data artifact from this teacher")
@@ -611,13 +642,13 @@ def training_blocks(data: Artifact, vocab_size: int) -> tuple[np.ndarray, np.nda
 
 def check_inputs(t_dir: Path, s_dir: Path, data: Artifact) -> tuple[np.ndarray, np.ndarray]:
     """Every check before a weight loads (the student's architecture, one vocabulary, the data's token ids); the
-    train and held-out blocks."""
+    train and held-out blocks, in the student's token ids (the data holds the teacher's)."""
     from pistill.models import check_architecture, read_config
 
     s_cfg = read_config(s_dir)
     check_architecture(s_cfg, str(s_dir))
-    check_tokenizers(t_dir, s_dir)
-    return training_blocks(data, s_cfg["vocab_size"])
+    vocab = check_tokenizers(t_dir, s_dir)
+    return training_blocks(data, s_cfg["vocab_size"], vocab)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -633,6 +664,12 @@ def distil(teacher, s_dir: Path, device: str, blocks: np.ndarray, heldout: np.nd
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .kept_teacher import kept_teacher
+    from pistill.vocab_map import VocabMap
+
+    vocab = VocabMap.load(s_dir)
+    if vocab is not None and teacher.config.vocab_size == vocab.teacher_vocab_size:  # a student trimmed from it
+        teacher = kept_teacher(teacher, vocab)  # the teacher's logits on the student's tokens
     if cfg.method == "lora":
         from . import lora
 
@@ -656,10 +693,13 @@ def run(inputs: Mapping[str, Artifact], cfg: DistillConfig, out: Path) -> Artifa
     student as an HF folder."""
     import torch
 
+    from pistill.data import load_blocks
     from pistill.evaluate import evaluate_torch
     from pistill.models import count_params, materialize, read_config, torch_device, weight_bytes
 
+    from .kept_teacher import dropped_mass
     from .quantize import load_teacher
+    from pistill.vocab_map import VocabMap
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("the distill stage writes its artifact from one process; to train on several, launch "
@@ -671,12 +711,16 @@ def run(inputs: Mapping[str, Artifact], cfg: DistillConfig, out: Path) -> Artifa
     work = checkpoint_dir(out)
     with ArtifactWriter(out, "distill", cfg, inputs) as w:  # the whole run inside, so wall_s counts training
         teacher = load_teacher(t_dir, torch_device())
+        if (vocab := VocabMap.load(s_dir)) is not None and teacher.config.vocab_size == vocab.teacher_vocab_size:
+            w.metrics["teacher_dropped_mass"] = dropped_mass(teacher, load_blocks(data, "heldout"), vocab)
+            log.info("distill: the teacher puts %.2f%% of its held-out probability on the %d dropped tokens",
+                     100 * w.metrics["teacher_dropped_mass"], vocab.teacher_vocab_size - vocab.size)
         student, summary = distil(teacher, s_dir, torch_device(), blocks, heldout, cfg, work,
                                   input_key("distill", cfg, inputs))
         del teacher
         log.info("distill: %d steps, loss %.4f -> %.4f, %.0f tok/s", summary["steps"], summary["loss_first"],
                  summary["loss_last"], summary["tokens_per_s"])
-        w.metrics.update(evaluate_torch(student, data))
+        w.metrics.update(evaluate_torch(student, data, VocabMap.load(s_dir)))
         s_cfg = read_config(s_dir)
         student.to(getattr(torch, s_cfg.get("dtype") or s_cfg.get("torch_dtype") or "float32"))
         save_student(student, s_dir, work, w.dir)

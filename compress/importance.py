@@ -83,6 +83,19 @@ def block_influence(x_in, x_out):
     return 1.0 - torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
 
 
+def angular_distance(x_a, x_b):
+    """Angular distance per token: arccos(cos(x_a, x_b)) / pi, in [0, 1]. (B, T, D), (B, T, D) -> (B, T).
+
+    Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers", arXiv:2403.17887, Sec. 3.2,
+    d(x^l, x^(l+n)): the distance between the hidden states entering layer l and layer l + n; the block of n
+    layers with the smallest mean is the one to drop.
+    """
+    import torch
+
+    cos = torch.nn.functional.cosine_similarity(x_a.float(), x_b.float(), dim=-1)
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi
+
+
 def magnitude_score(gate_w, up_w, down_w):
     """Weight-only importance of each MLP channel: ||gate_i|| * ||up_i|| * ||down_:,i||.
 
@@ -239,6 +252,35 @@ def layer_influence_scores(model, blocks: np.ndarray, seed: int):
     with forward_hooks([(layer, hook(i)) for i, layer in enumerate(model.model.layers)], with_kwargs=True):
         calibrate(model, blocks)
     return sums / max(count[0], 1)
+
+
+def angular_block(model, blocks: np.ndarray, n_drop: int, batch_size: int = 4) -> list[int]:
+    """The contiguous layers [l, l + n_drop) whose input and output hidden states have the smallest mean angular
+    distance over calibration tokens (Gromov et al. 2024, arXiv:2403.17887; see `angular_distance`). Blocks that
+    hold the last layer are never chosen, as the paper recommends. One pass; one batch of hidden states held."""
+    import torch
+
+    layers = model.model.layers
+    n = len(layers)
+    if not 1 <= n_drop < n:
+        raise ValueError(f"cannot drop a block of {n_drop} of {n} layers without the last; use 1..{n - 1}")
+    sums = torch.zeros(n - n_drop, dtype=torch.float64)  # block starts 0 .. n - n_drop - 1: the last layer stays
+    count, states = [0], [None] * n  # states[l]: the hidden state entering layer l, this batch only
+
+    def hook(i):
+        def fn(module, args, kwargs, out):
+            states[i] = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+            if i == n - 1:  # every block output needed enters a layer up to this one
+                for start in range(len(sums)):
+                    sums[start] += angular_distance(states[start], states[start + n_drop]).double().sum().cpu()
+                count[0] += states[i].shape[0] * states[i].shape[1]
+                states[:] = [None] * n
+        return fn
+
+    with forward_hooks([(layer, hook(i)) for i, layer in enumerate(layers)], with_kwargs=True):
+        calibrate(model, blocks, batch_size)
+    start = int((sums / max(count[0], 1)).argmin())
+    return list(range(start, start + n_drop))
 
 
 @scorer("magnitude", "layers")

@@ -12,18 +12,24 @@ from typing import ClassVar
 from pistill.artifact import Artifact, ArtifactWriter
 from pistill.errors import InputError
 
-from .importance import get_scorer
+from .importance import angular_block, get_scorer
+from .mend import mend_linear
 from .shapes import Shape, budget_shape, check_hidden, param_count, parse_params, round_to, teacher_shape
 from .sparsity import get_weight_scorer, parse_nm, sparsify, zero_fraction
 from .structured import drop_layers, prune_heads, prune_hidden, prune_mlp, select_channels, select_heads
+from .vocab import corpus_counts, coverage, kept_count, token_counts, trim_folder
 
 log = logging.getLogger(__name__)
+
+MENDS = ("none", "linear")  # PruneConfig.mend
+LAYER_METRICS = ("influence", "angular")  # PruneConfig.layer_metric
+
 
 @dataclass(frozen=True)
 class PruneConfig:
     """The shape of the pruned student, how its parts are chosen, and optional unstructured sparsity."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     method: str = "activation"  # importance: activation (Minitron; Block Influence for layers) | magnitude | random
     ffn_dim: int | None = None  # MLP width kept in every layer; when set it overrides ffn_ratio
     ffn_ratio: float = 0.5  # fraction of MLP channels kept (when ffn_dim and target_params are unset)
@@ -38,6 +44,10 @@ class PruneConfig:
     nm: str = ""  # semi-structured N:M instead, e.g. "2:4" (same file size and speed on a Pi)
     sparsity_method: str = "wanda"  # weight scores for sparsity / nm: wanda (|W| * ||X||) | magnitude
     calib_blocks: int = 16  # calibration blocks for the activation statistics (at most what the data holds)
+    vocab: int | float | None = None  # tokens kept: a count (16384) or a share of the teacher's in (0, 1); None: all
+    vocab_corpus: str = ""  # text or JSONL file whose token counts choose the kept tokens ("": the training blocks)
+    mend: str = "none"  # none | linear: refit each run of dropped layers into the down_proj before it (ReplaceMe)
+    layer_metric: str = "influence"  # layers dropped: influence (Block Influence) | angular (nearest block, Gromov)
     seed: int = 0  # random scorer seed
 
     @property
@@ -80,6 +90,45 @@ class PruneConfig:
                 raise ValueError(f"sparsity = {self.sparsity} and nm = {self.nm!r} are both set; use one")
         if self.calib_blocks < 1:
             raise ValueError(f"calib_blocks = {self.calib_blocks} must be at least 1")
+        if self.vocab is not None and not (0 < self.vocab < 1 if isinstance(self.vocab, float) else self.vocab >= 1):
+            raise ValueError(f"vocab = {self.vocab} must be a token count of at least 1 (e.g. 16384) or a share of "
+                             "the teacher's vocabulary in (0, 1); unset it to keep every token")
+        if self.vocab_corpus and self.vocab is None:
+            raise ValueError(f"vocab_corpus = {self.vocab_corpus!r} is set but vocab is not; set vocab (the tokens "
+                             "kept) or remove vocab_corpus")
+        for name, valid in (("mend", MENDS), ("layer_metric", LAYER_METRICS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is not one of: {', '.join(valid)}")
+
+    def validate_paths(self) -> None:
+        """Fail fast (no weights loaded) when vocab_corpus does not exist."""
+        if self.vocab_corpus and not Path(self.vocab_corpus).is_file():
+            raise ValueError(f"vocab_corpus file {self.vocab_corpus} does not exist; fix [prune] vocab_corpus")
+
+
+def check_vocab(hf_cfg: dict, tok_json: dict, cfg: PruneConfig) -> int | None:
+    """The number of tokens the trimmed vocabulary keeps (None: all); InputError before any weight loads."""
+    return None if cfg.vocab is None else kept_count(cfg.vocab, tok_json, hf_cfg["vocab_size"])
+
+
+def vocab_counts(folder: Path, data: Artifact, cfg: PruneConfig, vocab_size: int):
+    """(vocab_size,) token counts that choose the kept tokens: vocab_corpus's, else the data's training blocks."""
+    from pistill.data import load_blocks
+    from pistill.models import load_tokenizer
+
+    if cfg.vocab_corpus:
+        return corpus_counts(load_tokenizer(folder), Path(cfg.vocab_corpus), vocab_size)
+    return token_counts(load_blocks(data, "train"), vocab_size)
+
+
+def vocab_metrics(folder: Path, out: Path, data: Artifact, vmap) -> dict:
+    """Vocabulary sizes and the trimmed tokenizer's coverage of the held-out text (decoded with the teacher's)."""
+    from pistill.data import load_blocks
+    from pistill.models import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    texts = [tok.decode(b.tolist(), skip_special_tokens=True) for b in load_blocks(data, "heldout")]
+    return {"vocab_size": vmap.size, "teacher_vocab_size": vmap.teacher_vocab_size, **coverage(folder, out, texts)}
 
 
 def kept_width(ffn_dim: int, cfg: PruneConfig) -> int:
@@ -99,6 +148,9 @@ def target_shape(hf: dict, cfg: PruneConfig) -> Shape:
                         ("kv_heads", cfg.kv_heads)):
         if value is not None and value > getattr(t, name):
             raise InputError(f"{name} = {value} is more than the teacher's {getattr(t, name)}; use at most that")
+    if cfg.mend != "none" and (cfg.n_layer or t.n_layer) == t.n_layer:
+        raise InputError(f"[prune] mend = {cfg.mend!r} needs dropped layers, but n_layer keeps all the teacher's "
+                         f"{t.n_layer}: set n_layer below {t.n_layer}, or mend = \"none\"")
     kv = cfg.kv_heads or t.kv_heads
     n_heads = cfg.n_heads or (t.n_heads // t.kv_heads * kv)
     if n_heads % kv or n_heads // kv > t.n_heads // t.kv_heads:
@@ -117,14 +169,26 @@ def target_shape(hf: dict, cfg: PruneConfig) -> Shape:
     return budget_shape(base, t, hf, budget, cfg.step, fixed_hidden=cfg.hidden is not None)
 
 
-def prune_structure(model, blocks, shape: Shape, cfg: PruneConfig) -> None:
-    """Prune `model` in place to `shape`: layers first, then heads, hidden width, MLP channels, each scored with
-    `cfg.method` on the model as it is after the previous step. A step with nothing to remove is skipped."""
-    c = model.config
+def choose_layers(model, blocks, n_drop: int, cfg: PruneConfig) -> list[int]:
+    """The `n_drop` layers to drop, ascending: the contiguous block nearest to identity (angular distance) for
+    method activation with layer_metric angular, else the lowest `cfg.method` layer scores one by one."""
+    if cfg.method == "activation" and cfg.layer_metric == "angular":
+        return angular_block(model, blocks, n_drop)
+    scores = get_scorer(cfg.method, "layers")(model, blocks, cfg.seed)  # (n_layer,)
+    return sorted(scores.topk(n_drop, largest=False).indices.tolist())
+
+
+def prune_structure(model, blocks, shape: Shape, cfg: PruneConfig) -> dict:
+    """Prune `model` in place to `shape`: layers first (mended when cfg.mend says so), then heads, hidden width, MLP
+    channels, each scored with `cfg.method` on the model as it is after the previous step. A step with nothing to
+    remove is skipped. Returns what a run records: {"dropped_layers", "mend": per-gap figures} when layers go."""
+    c, notes = model.config, {}
     if shape.n_layer < c.num_hidden_layers:
-        influence = get_scorer(cfg.method, "layers")(model, blocks, cfg.seed)  # (n_layer,)
-        drop = influence.topk(c.num_hidden_layers - shape.n_layer, largest=False).indices.tolist()
-        log.info("prune: dropping layers %s (lowest %s importance)", sorted(drop), cfg.method)
+        drop = choose_layers(model, blocks, c.num_hidden_layers - shape.n_layer, cfg)
+        log.info("prune: dropping layers %s (%s, %s)", drop, cfg.method, cfg.layer_metric)
+        notes["dropped_layers"] = drop
+        if cfg.mend == "linear":
+            notes["mend"] = mend_linear(model, blocks, drop)
         drop_layers(model, drop)
     if (shape.n_heads, shape.kv_heads) != (c.num_attention_heads, c.num_key_value_heads):
         scores = get_scorer(cfg.method, "heads")(model, blocks, cfg.seed)
@@ -135,14 +199,15 @@ def prune_structure(model, blocks, shape: Shape, cfg: PruneConfig) -> None:
     if shape.ffn_dim < c.intermediate_size:
         scores = get_scorer(cfg.method)(model, blocks, cfg.seed)
         prune_mlp(model, select_channels(scores, shape.ffn_dim))
+    return notes
 
 
-def prune(model, blocks, cfg: PruneConfig) -> Shape:
+def prune(model, blocks, cfg: PruneConfig, notes: dict | None = None) -> Shape:
     """Prune `model` in place to the target shape of `cfg` using calibration `blocks` (N, T), then apply the
-    configured sparsity; returns the shape."""
+    configured sparsity; returns the shape, and fills `notes` (when given) with what `prune_structure` returns."""
     blocks = blocks[: cfg.calib_blocks]
     shape = target_shape(model.config.to_dict(), cfg)
-    prune_structure(model, blocks, shape, cfg)
+    (notes if notes is not None else {}).update(prune_structure(model, blocks, shape, cfg))
     if cfg.sparsity or cfg.nm:
         sparsify(model, blocks, cfg.sparsity_method, cfg.sparsity, cfg.nm)
     return shape
@@ -154,6 +219,7 @@ def run(inputs: Mapping[str, Artifact], cfg: PruneConfig, out: Path) -> Artifact
 
     from pistill.data import load_blocks
     from pistill.evaluate import evaluate_torch
+    from pistill.hf_folder import read_json
     from pistill.models import check_architecture, count_params, load_model, read_config, save_model, weight_bytes
 
     teacher, data = inputs["teacher"], inputs["data"]
@@ -161,20 +227,26 @@ def run(inputs: Mapping[str, Artifact], cfg: PruneConfig, out: Path) -> Artifact
     hf_cfg = read_config(folder)
     check_architecture(hf_cfg, str(folder))
     t, shape = teacher_shape(hf_cfg), target_shape(hf_cfg, cfg)  # fails before any weight is loaded
+    n_vocab = check_vocab(hf_cfg, read_json(folder / "tokenizer.json"), cfg)
     with ArtifactWriter(out, "prune", cfg, inputs) as w:  # the whole run inside, so wall_s counts it
+        counts = vocab_counts(folder, data, cfg, hf_cfg["vocab_size"]) if n_vocab else None  # before the weights
         model = load_model(folder)  # float32: exact statistics and slicing
         before = count_params(model)
-        prune(model, load_blocks(data, "calib"), cfg)
+        notes = {}
+        prune(model, load_blocks(data, "calib"), cfg, notes)
         log.info("prune: %s importance, %s -> %s, params %d -> %d", cfg.method, t, shape, before, count_params(model))
+        vmap = trim_folder(model, folder, w.dir, counts, n_vocab) if n_vocab else None  # tokenizer files into w.dir
         model.to(getattr(torch, hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"))
         save_model(model, folder, w.dir)
         w.model = {"format": "hf", "file": "."}
         w.metrics.update(params=count_params(model), bytes=weight_bytes(w.dir), ffn_dim=shape.ffn_dim,
                          teacher_ffn_dim=t.ffn_dim, n_layer=shape.n_layer, hidden=shape.hidden,
                          n_heads=shape.n_heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
-                         structured=shape != t, sparsity=zero_fraction(model))
+                         structured=shape != t, sparsity=zero_fraction(model), **notes)
         if cfg.sparsity or cfg.nm:  # say plainly what zeros buy on a Pi
             w.extra["sparsity_note"] = ("unstructured/N:M zeros are stored dense: same file size and Pi speed "
                                         "as the dense model; compare quality only")
-        w.metrics.update(evaluate_torch(model.float(), data))
+        if vmap is not None:
+            w.metrics.update(vocab_metrics(folder, w.dir, data, vmap))
+        w.metrics.update(evaluate_torch(model.float(), data, vocab=vmap))
     return w.artifact

@@ -139,11 +139,12 @@ def forward_tps(model, blocks: np.ndarray) -> float:
     return x.numel() / (time.perf_counter() - t0)
 
 
-def measure(model, data: Artifact, blocks: np.ndarray) -> dict:
-    """Quality (pistill.evaluate), memory footprint and forward speed of an in-memory model."""
+def measure(model, data: Artifact, blocks: np.ndarray, vocab=None) -> dict:
+    """Quality (pistill.evaluate; `vocab`: the model's VocabMap when trimmed), memory footprint and forward speed of
+    an in-memory model."""
     from pistill.evaluate import evaluate_torch
 
-    return {**evaluate_torch(model, data), "memory_footprint": int(model.get_memory_footprint()),
+    return {**evaluate_torch(model, data, vocab), "memory_footprint": int(model.get_memory_footprint()),
             "forward_tps": forward_tps(model, blocks)}
 
 
@@ -171,17 +172,21 @@ def run(inputs: Mapping[str, Artifact], cfg: QuantizeConfig, out: Path) -> Artif
     from pistill.data import load_blocks
     from pistill.models import check_architecture, count_params, read_config, save_model, torch_device, weight_bytes
 
+    from pistill.vocab_map import VocabMap
+
     data = inputs["data"]
     folder = inputs["teacher" if cfg.source == "teacher" else "prune"].model_path()
     check_architecture(read_config(folder), str(folder))
     device, blocks = torch_device(), load_blocks(data, "heldout")[: cfg.bench_blocks]
+    vocab = VocabMap.load(folder)  # a pruned source may have a trimmed vocabulary
+    blocks = blocks if vocab is None else vocab.to_student_blocks(blocks)
     read = {n: inputs[n] for n in key_inputs(cfg)}
     with ArtifactWriter(out, "quantize", cfg, read) as w:  # the whole run inside, so wall_s counts it
         base = load_quantized(folder, QuantizeConfig(method="none", compute_dtype=cfg.compute_dtype), device)
-        params, src = count_params(base), measure(base, data, blocks)
+        params, src = count_params(base), measure(base, data, blocks, vocab)
         del base
         model = load_quantized(folder, cfg, device)
-        metrics = measure(model, data, blocks)
+        metrics = measure(model, data, blocks, vocab)
         log.info("quantize: %s teacher (%s), memory %.1f -> %.1f MB, ppl %.3f -> %.3f", cfg.method, cfg.source,
                  src["memory_footprint"] / 1e6, metrics["memory_footprint"] / 1e6, src["ppl"], metrics["ppl"])
         save_model(model, folder, w.dir)

@@ -1,10 +1,10 @@
 """The baseline stage: the teacher's own GGUF files, made as the student's are, for the report to compare against.
 
 A Pi user's first alternative to pistill is to quantize the teacher and run it. This stage writes that file with
-the same exporter (`write_gguf`, `quantize_gguf`) at the student GGUF's quant type and importance-matrix
-policy (read from the gguf artifact's manifest), and at the other `quants` (Q8_0 by default), and scores each on the
-same held-out blocks. The artifact holds several models (manifest `models`, keyed "baseline" for the first file and
-"baseline:<TYPE>" for the others); bench, eval and report take each of them.
+the same exporter (`write_gguf`, `quantize_gguf`) at the student GGUF's quant type, output projection type and
+importance-matrix policy (read from the gguf artifact's manifest), and at the other `quants` (Q8_0 by default), and
+scores each on the same held-out blocks. The artifact holds several models (manifest `models`, keyed "baseline" for
+the first file and "baseline:<TYPE>" for the others); bench, eval and report take each of them.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
+from pistill.errors import InputError
 
 from . import gguf
 from .gguf_convert import check_folder, tensor_names, write_gguf
-from .gguf_quantize import QUANT_FTYPES, check_quant, quantize_gguf
+from .gguf_quantize import QUANT_FTYPES, check_output_width, check_quant, quantize_gguf
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,20 @@ def student_policy(manifest: dict) -> tuple[str, str, bool]:
     return kind, outtype, imatrix
 
 
+def output_types(cfg: BaselineConfig, student: dict, student_type: str, hidden: int) -> dict[str, str]:
+    """{type: output projection type}: the student GGUF's `output_type` for the file of the student's type (like for
+    like), when the teacher's `hidden`-wide rows fit it; {} otherwise (llama.cpp's choice)."""
+    chosen = (student.get("config") or {}).get("output_type") or ""  # "" in manifests from before the option
+    if not chosen or STUDENT not in cfg.quants:
+        return {}
+    try:
+        check_output_width(chosen, hidden)
+    except InputError as err:
+        log.warning("baseline: the teacher's %s file keeps llama.cpp's output type: %s", student_type, err)
+        return {}
+    return {student_type: chosen}
+
+
 def file_types(cfg: BaselineConfig, student_type: str) -> list[str]:
     """The types to write, in order, "student" resolved and repeats dropped (the student's type may be Q8_0)."""
     return list(dict.fromkeys(student_type if q == STUDENT else q for q in cfg.quants))
@@ -71,9 +86,10 @@ def model_key(i: int, kind: str) -> str:
 
 
 def write_files(folder: Path, data: Artifact, kinds: list[str], outtype: str, use_imatrix: bool, out: Path,
-                threads: int) -> list[Path]:
+                threads: int, outputs: dict[str, str] | None = None) -> list[Path]:
     """The teacher folder as `teacher-<TYPE>.gguf` for each type: written at `outtype`, then quantized by llama.cpp,
-    with the teacher's importance matrix on the calibration blocks when `use_imatrix`."""
+    with the teacher's importance matrix on the calibration blocks when `use_imatrix`, and the output projection
+    at `outputs[TYPE]` where given."""
     from .verify import TorchLM
 
     base = write_gguf(folder, out / f"teacher-{outtype}.gguf", outtype)
@@ -85,7 +101,8 @@ def write_files(folder: Path, data: Artifact, kinds: list[str], outtype: str, us
     files = []
     for kind in kinds:
         if kind in QUANT_FTYPES:
-            files.append(quantize_gguf(base, out / f"teacher-{kind}.gguf", kind, threads, imatrix))
+            files.append(quantize_gguf(base, out / f"teacher-{kind}.gguf", kind, threads, imatrix,
+                                       (outputs or {}).get(kind, "")))
         elif kind.lower() == outtype:
             files.append(base)
         else:  # the other unquantized type
@@ -100,11 +117,12 @@ def run(inputs: Mapping[str, Artifact], cfg: BaselineConfig, out: Path) -> Artif
     held-out blocks; one artifact holding every file as a model."""
     teacher, data, student = inputs["teacher"], inputs["data"], inputs["gguf"]
     folder = teacher.model_path()
-    check_folder(folder)  # every check before anything is written
+    config = check_folder(folder)[0]  # every check before anything is written
     student_type, outtype, use_imatrix = student_policy(student.manifest)
     kinds = file_types(cfg, student_type)
+    outputs = output_types(cfg, student.manifest, student_type, config["hidden_size"])
     with ArtifactWriter(out, "baseline", cfg, inputs) as w:
-        files = write_files(folder, data, kinds, outtype, use_imatrix, w.dir, cfg.threads)
+        files = write_files(folder, data, kinds, outtype, use_imatrix, w.dir, cfg.threads, outputs)
         scores = gguf.score_files(files, data, cfg.threads) if cfg.evaluate else {}
         models, stats_of = [], {p.name: gguf.gguf_stats(p) for p in files}
         for i, (kind, path) in enumerate(zip(kinds, files)):
@@ -119,5 +137,6 @@ def run(inputs: Mapping[str, Artifact], cfg: BaselineConfig, out: Path) -> Artif
         w.metrics.update(models[0]["metrics"])
         w.metrics["imatrix"] = use_imatrix
         w.extra["student_type"] = student_type
+        w.extra["output_type"] = outputs.get(student_type, "")
         w.extra["files_detail"] = {name: st["tensor_types"] for name, st in stats_of.items()}
     return w.artifact

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
+from pistill.vocab_map import VocabMap
 
 from .gguf_convert import OUTTYPES, check_folder, tensor_names, write_gguf
-from .gguf_quantize import check_quant, quantize_gguf
+from .gguf_quantize import check_output_type, check_output_width, check_quant, quantize_gguf
 from .imatrix import LlamaImatrix
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,11 @@ EVALUATE = ("model", "all", "none")
 class GGUFConfig:
     """What GGUF files to write, and how they are checked against the torch student."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     outtype: str = "f16"  # "f16" or "f32": the unquantized file that llama.cpp quantizes from
     quants: tuple[str, ...] = ("Q4_0",)  # llama.cpp quant types; the first is the artifact's model (none: outtype)
+    output_type: str = ""  # llama.cpp type of the output projection (the tied embedding when there is no
+    # output.weight): "" keeps llama.cpp's choice (Q8_0 at Q4_0 for a 576-wide model), or Q6_K, Q4_0, IQ4_NL, Q8_0, F16
     threads: int = 0  # quantization and evaluation threads; 0 = every core
     keep_unquantized: bool = True  # keep model-<outtype>.gguf in the artifact beside the quantized files
     evaluate: str = "model"  # held-out metrics for "model" (the artifact's model file), "all" files, or "none"
@@ -41,6 +44,7 @@ class GGUFConfig:
             raise ValueError(f"outtype = '{self.outtype}' is not supported; use one of {', '.join(OUTTYPES)}")
         for q in self.quants:
             check_quant(q)
+        check_output_type(self.output_type)
         if len(set(self.quants)) != len(self.quants):
             raise ValueError(f"quants = {list(self.quants)} repeats a type; list each once")
         if self.threads < 0:
@@ -82,36 +86,38 @@ def gguf_stats(path: Path) -> dict:
 
 # --- stage --------------------------------------------------------------------------------------------------------
 
-def importance(reference, data: Artifact, names: dict[str, str]) -> LlamaImatrix:
-    """The torch student's importance matrix on the data artifact's calibration blocks."""
+def importance(reference, data: Artifact, names: dict[str, str], vocab=None) -> LlamaImatrix:
+    """The torch student's importance matrix on the data artifact's calibration blocks (in a trimmed student's
+    ids when `vocab`, its VocabMap, is given)."""
     from pistill.data import load_blocks
 
     from .imatrix import collect
 
     calib = load_blocks(data, "calib")
+    calib = calib if vocab is None else vocab.to_student_blocks(calib)
     imatrix = collect(reference.model, calib, names)
     log.info("importance matrix: %d tensors from %d calibration blocks", len(imatrix), len(calib))
     return LlamaImatrix(imatrix, len(calib), f"pistill calib {data.id[:12]}")
 
 
 def score_files(files: list[Path], data: Artifact, threads: int, reference=None,
-                kv_type: str = "f16") -> dict[str, dict]:
+                kv_type: str = "f16", vocab=None) -> dict[str, dict]:
     """Held-out metrics per file name against the teacher; with a torch `reference`, also `vs_student`. `kv_type`
-    "f32" caches keys and values in F32, so an F32 file computes in F32 throughout."""
-    from pistill.data import load_blocks
+    "f32" caches keys and values in F32, so an F32 file computes in F32 throughout. `vocab`: the VocabMap of a
+    trimmed student."""
     from pistill.device.runtimes import LlamaCppRuntime
-    from pistill.evaluate import evaluate_path
+    from pistill.evaluate import evaluate_path, heldout_ctx
 
     from .verify import score
 
     if reference is None:
-        return {f.name: evaluate_path(f, "gguf", data, threads) for f in files}
-    n_ctx = max(int(load_blocks(data, "heldout").shape[1]), 512)
+        return {f.name: evaluate_path(f, "gguf", data, threads, vocab) for f in files}
+    n_ctx = heldout_ctx(data, vocab)
     runtimes = {}
     try:
         for f in files:
             runtimes[f.name] = LlamaCppRuntime(str(f), threads, n_ctx, kv_type)
-        return score(reference, runtimes, data)
+        return score(reference, runtimes, data, vocab)
     finally:
         for rt in runtimes.values():
             rt.close()
@@ -157,18 +163,22 @@ def check_f32(folder: Path, reference, data: Artifact, cfg: GGUFConfig) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="pistill-gguf-f32-") as tmp:
         path = write_gguf(folder, Path(tmp) / "model-f32.gguf", "f32")
-        parity = score_files([path], data, cfg.threads, reference, kv_type="f32")[path.name]["vs_student"]
+        parity = score_files([path], data, cfg.threads, reference, "f32", VocabMap.load(folder))[path.name]
+        parity = parity["vs_student"]
         gen = greedy_parity(path, folder, reference, cfg, kv_type="f32")
         check_unquantized(f"the F32 GGUF of {folder}", parity, gen)
     log.warning("the F32 export matches torch: F16 loses precision on this model; prefer outtype = \"f32\"")
     return unquantized_metrics(parity, gen)
 
 
-def describe(files: list[Path], model_file: Path, data: Artifact, cfg: GGUFConfig, reference) -> dict[str, dict]:
-    """File name -> size, bits per weight, tensor types, and held-out scores for the files `cfg` asks to score."""
+def describe(files: list[Path], model_file: Path, data: Artifact, cfg: GGUFConfig, reference,
+             vocab=None) -> dict[str, dict]:
+    """File name -> size, bits per weight, tensor types, and held-out scores for the files `cfg` asks to score
+    (`vocab`: the VocabMap of a trimmed student)."""
     detail = {f.name: gguf_stats(f) for f in files}
     scored = files if cfg.verify or cfg.evaluate == "all" else [model_file] if cfg.evaluate == "model" else []
-    for name, scores in score_files(scored, data, cfg.threads, reference if cfg.verify else None).items():
+    scores_of = score_files(scored, data, cfg.threads, reference if cfg.verify else None, vocab=vocab)
+    for name, scores in scores_of.items():
         detail[name].update(scores)
     return detail
 
@@ -184,15 +194,18 @@ def run(inputs: Mapping[str, Artifact], cfg: GGUFConfig, out: Path) -> Artifact:
     folder = student.model_path()
     config = check_folder(folder)[0]
     names = tensor_names(folder, config)  # every check before anything is written
+    check_output_width(cfg.output_type, config["hidden_size"])  # the output rows are hidden_size wide
     with ArtifactWriter(out, "gguf", cfg, inputs) as w:
         base = write_gguf(folder, w.dir / f"model-{cfg.outtype}.gguf", cfg.outtype)
         use_imatrix = cfg.imatrix and any(q != "Q8_0" for q in cfg.quants)  # Q8_0 rounds without it
         reference = TorchLM(folder) if cfg.verify or use_imatrix else None
-        imatrix = importance(reference, data, names) if use_imatrix else None
-        files = [base] + [quantize_gguf(base, w.dir / f"model-{q}.gguf", q, cfg.threads, imatrix)
+        vocab = VocabMap.load(folder)  # a trimmed student's ids differ from the data's
+        imatrix = importance(reference, data, names, vocab) if use_imatrix else None
+        files = [base] + [quantize_gguf(base, w.dir / f"model-{q}.gguf", q, cfg.threads, imatrix,
+                                        cfg.output_type)
                           for q in cfg.quants]
         model_file = files[1] if cfg.quants else base
-        detail = describe(files, model_file, data, cfg, reference)
+        detail = describe(files, model_file, data, cfg, reference, vocab)
         if cfg.verify:
             w.metrics.update(verify_unquantized(base, folder, reference, data, detail[base.name]["vs_student"], cfg))
         num_ctx = min(cfg.num_ctx, config["max_position_embeddings"])

@@ -20,6 +20,8 @@ QUANT_FTYPES: dict[str, int] = {  # quant type -> llama_ftype in llama.h (llama_
     "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
 }
 QK_K = 256  # k-quant super-block width; llama.cpp quantizes narrower rows with a legacy type instead
+OUTPUT_TYPES = ("Q6_K", "Q4_0", "IQ4_NL", "Q8_0", "F16")  # types for the output projection (llama_cpp.GGML_TYPE_<name>)
+OUTPUT_TENSORS = ("output.weight", "token_embd.weight")  # the output projection; the tied embedding when no output
 
 
 class QuantizeError(UserError, RuntimeError):
@@ -33,6 +35,50 @@ def check_quant(quant: str) -> int:
     return QUANT_FTYPES[quant]
 
 
+def check_output_type(name: str) -> str:
+    """An output projection type name ("" = llama.cpp's choice), or a ValueError listing the valid names."""
+    if name and name not in OUTPUT_TYPES:
+        raise InputError(f"output_type = '{name}' is unknown; use one of {', '.join(OUTPUT_TYPES)} "
+                         "(or \"\" for llama.cpp's choice)")
+    return name
+
+
+def block_size(name: str) -> int:
+    """Weights per block of a ggml type (Q4_0: 32, Q6_K: 256, F16: 1): a row's width must be a multiple of it."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][0]
+
+
+def check_output_width(name: str, width: int) -> None:
+    """InputError when llama.cpp would quantize a `width`-wide output projection with another type than `name`
+    (it falls back for rows not a multiple of the type's block)."""
+    if name and width % block_size(name):
+        fits = [t for t in OUTPUT_TYPES if width % block_size(t) == 0]
+        raise InputError(f"[gguf] output_type = \"{name}\" needs rows that are a multiple of {block_size(name)}, but "
+                         f"the output projection is {width} wide; use one of {', '.join(fits)} (blocks of "
+                         f"{max(block_size(t) for t in fits)} or less), or \"\" for llama.cpp's choice")
+
+
+def output_tensor(path: Path) -> tuple[str, int]:
+    """(name, width) of a GGUF's output projection: output.weight, or token_embd.weight when they are tied."""
+    import gguf
+
+    found = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(path).tensors if t.name in OUTPUT_TENSORS}
+    name = next(n for n in OUTPUT_TENSORS if n in found)
+    return name, found[name]
+
+
+def set_output_type(params, name: str, tensor: str) -> None:
+    """Point llama.cpp at `name` for the output projection; a tied embedding (`tensor` token_embd.weight) gets it
+    through both fields (llama.cpp takes output_tensor_type for it, and token_embedding_type over that)."""
+    import llama_cpp
+
+    params.output_tensor_type = getattr(llama_cpp, f"GGML_TYPE_{name}")
+    if tensor == "token_embd.weight":
+        params.token_embedding_type = params.output_tensor_type
+
+
 def narrow_rows(path: Path, block: int = QK_K) -> int:
     """How many 2-D tensors have rows (ne0) not a multiple of `block`: k-quants fall back for them."""
     import gguf
@@ -40,8 +86,10 @@ def narrow_rows(path: Path, block: int = QK_K) -> int:
     return sum(1 for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1 and int(t.shape[0]) % block)
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, imatrix: LlamaImatrix | None = None) -> Path:
-    """Quantize a GGUF with llama.cpp (`llama_model_quantize`), through `<dst>.tmp` renamed when complete."""
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, imatrix: LlamaImatrix | None = None,
+                  output_type: str = "") -> Path:
+    """Quantize a GGUF with llama.cpp (`llama_model_quantize`), through `<dst>.tmp` renamed when complete; the output
+    projection at `output_type` ("" = llama.cpp's choice), InputError when its width does not fit that type."""
     import ctypes
 
     import llama_cpp
@@ -52,6 +100,10 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, imatrix: L
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = check_quant(quant)
     params.nthread = threads or os.cpu_count() or 1
+    if check_output_type(output_type):
+        tensor, width = output_tensor(src)
+        check_output_width(output_type, width)
+        set_output_type(params, output_type, tensor)
     if imatrix is not None:
         imatrix.apply(params)
     if "_K" in quant and (n := narrow_rows(src)):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
+from pistill.vocab_map import VocabMap
 from pistill.errors import InputError
 from pistill.hf_folder import check_hf_folder, copy_tokenizer_files
 
@@ -126,16 +127,17 @@ def model_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith((".onnx", ".onnx.data")))
 
 
-def score_exports(folders: dict[str, Path], data: Artifact, reference=None) -> dict[str, dict]:
-    """Held-out metrics per export name against the teacher; with a torch `reference`, also `vs_student`."""
+def score_exports(folders: dict[str, Path], data: Artifact, reference=None, vocab=None) -> dict[str, dict]:
+    """Held-out metrics per export name against the teacher; with a torch `reference`, also `vs_student`
+    (`vocab`: the VocabMap of a trimmed student)."""
     from pistill.device.runtimes import OnnxRuntime
     from pistill.evaluate import evaluate_path
 
     from .verify import score
 
     if reference is None:
-        return {name: evaluate_path(f, "onnx", data) for name, f in folders.items()}
-    return score(reference, {name: OnnxRuntime(str(f)) for name, f in folders.items()}, data)
+        return {name: evaluate_path(f, "onnx", data, vocab=vocab) for name, f in folders.items()}
+    return score(reference, {name: OnnxRuntime(str(f)) for name, f in folders.items()}, data, vocab)
 
 
 def verify_unquantized(fp32_dir: Path, hf_dir: Path, reference, parity: dict, cfg: ONNXConfig) -> dict:
@@ -159,7 +161,7 @@ def verify(folder: Path, hf_dir: Path, data: Artifact, cfg: ONNXConfig) -> dict:
         folders = {"model": folder}
         if cfg.precision == "int4" and cfg.verify_fp32:
             folders["fp32"] = export(hf_dir, Path(tmp) / MODEL_DIR, dataclasses.replace(cfg, precision="fp32"))
-        scores = score_exports(folders, data, reference)
+        scores = score_exports(folders, data, reference, VocabMap.load(hf_dir))
         out = {**scores["model"], "tokenizer_parity": onnx_tokenizer_parity(folder, hf_dir)}
         fp32 = "fp32" if "fp32" in folders else "model" if cfg.precision == "fp32" else None
         if fp32:
@@ -184,7 +186,7 @@ def run(inputs: Mapping[str, Artifact], cfg: ONNXConfig, out: Path) -> Artifact:
         w.metrics.update(params=params, bytes=size, export_s=round(time.time() - t0, 2),
                          bits_per_weight=8 * size / params if params else None)
         w.metrics.update(verify(folder, student.model_path(), data, cfg) if cfg.verify
-                         else evaluate_path(folder, "onnx", data))
-        log.info("onnx %s: %.1f MB, ppl %.2f, agreement %.3f", cfg.precision, w.metrics["bytes"] / 1e6,
-                 w.metrics["ppl"], w.metrics["agreement"])
+                         else evaluate_path(folder, "onnx", data, vocab=VocabMap.load(student.model_path())))
+        log.info("onnx %s: %.1f MB, %.3f bits per byte, ppl %.2f", cfg.precision, w.metrics["bytes"] / 1e6,
+                 w.metrics["bpb"], w.metrics["ppl"])
     return w.artifact

@@ -208,21 +208,25 @@ class TorchLM(TorchRuntime):
         super().__init__(str(folder), dtype="float32")
 
 
-def score(reference: TorchLM, runtimes: dict[str, object], data) -> dict[str, dict]:
+def score(reference: TorchLM, runtimes: dict[str, object], data, vocab=None) -> dict[str, dict]:
     """Each runtime on the held-out blocks of `data`, each block run once: against the teacher (pistill.evaluate's
-    ppl, agreement, kl, n_tokens) and against `reference` (`vs_student`: agreement, kl, ppl, ref_ppl, ppl_delta)."""
-    from pistill.data import load_blocks, load_reference
-    from pistill.evaluate import Scores, log_softmax
+    bpb, ppl, agreement, kl, n_tokens) and against `reference` (`vs_student`: agreement, kl, ppl, ref_ppl,
+    ppl_delta). `vocab`: the VocabMap of a trimmed student (the blocks in its ids; no token-level comparison with
+    the teacher)."""
+    from pistill.data import load_reference
+    from pistill.evaluate import Scores, heldout, log_softmax
 
-    blocks, ref = load_blocks(data, "heldout"), load_reference(data)
+    ref = load_reference(data) if vocab is None else None
     teacher = {name: Scores() for name in runtimes}
     student = {name: Parity() for name in runtimes}
-    for i, block in enumerate(blocks):
-        ref_lp = log_softmax(reference.logits(block.tolist()))
+    for i, block in enumerate(heldout(data, vocab)):
+        ids = block.ids.tolist()
+        ref_lp = log_softmax(reference.logits(ids))
+        r = None if ref is None else (ref["top1"][i], ref["topk_ids"][i], ref["topk_logp"][i])
         for name, rt in runtimes.items():
-            logits = np.asarray(rt.logits(block.tolist()))
-            teacher[name].add(logits, block, ref["top1"][i], ref["topk_ids"][i], ref["topk_logp"][i])
-            student[name].add(ref_lp, log_softmax(logits), block)
+            logits = np.asarray(rt.logits(ids))
+            teacher[name].add(logits, block, r)
+            student[name].add(ref_lp, log_softmax(logits), block.ids)
     return {name: {**teacher[name].result(), "vs_student": student[name].result()} for name in runtimes}
 
 

@@ -6,6 +6,7 @@ import ast
 import hashlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ HELDOUT_EVERY = 10  # one document in ten (by content hash) is held out
 class DataConfig:
     """Where text comes from and how it is cut into blocks."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     corpus: str = "default"  # "default" (stdlib docstrings), a .txt / .jsonl file, or "hf:NAME[:CONFIG]"
     text_field: str = "text"  # the field read from .jsonl lines / HF dataset rows
     block_size: int = 256  # tokens per block
@@ -258,6 +259,30 @@ def load_blocks(data: Artifact, split: str) -> np.ndarray:
     return np.load(data.file(f"{split}.npy"))
 
 
+def load_token_bytes(data: Artifact) -> np.ndarray:
+    """(V,) UTF-8 bytes of every teacher token (0 for special tokens): bits per byte's denominator."""
+    path = data.path / "token_bytes.npy"
+    if not path.is_file():
+        raise InputError(f"{data.path} has no token_bytes.npy (a data artifact from before bits per byte); "
+                         "rebuild it: pistill run RECIPE --force data")
+    return np.load(path)
+
+
+def token_bytes(tok) -> np.ndarray:
+    """(V,) int32 UTF-8 bytes of every token of an HF tokenizer: byte-level BPE tokens have one character per byte;
+    other tokens are decoded; special tokens count 0 (they are not text)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") or {} if backend is not None else {}
+    byte_level = "ByteLevel" in json.dumps(decoder)  # the decoder alone or in a Sequence
+    special, vocab = set(tok.all_special_ids), tok.get_vocab()
+    out = np.zeros(max(vocab.values()) + 1, dtype=np.int32)
+    for t, i in vocab.items():
+        if i not in special:
+            out[i] = len(t) if byte_level and i not in tok.added_tokens_decoder else \
+                len(tok.convert_tokens_to_string([t]).encode())
+    return out
+
+
 def load_reference(data: Artifact) -> dict[str, np.ndarray]:
     with np.load(data.file("reference.npz")) as z:
         return {k: z[k] for k in z.files}
@@ -333,9 +358,13 @@ def run(inputs: Mapping[str, Artifact], cfg: DataConfig, out: Path) -> Artifact:
         for name, arr in blocks.items():
             np.save(w.dir / f"{name}.npy", arr)
         np.savez(w.dir / "reference.npz", **ref)
+        nbytes = token_bytes(tok)
+        np.save(w.dir / "token_bytes.npy", nbytes)
         (w.dir / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generated))
         (w.dir / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tasks))
         w.metrics.update(teacher_ppl=float(np.exp(ref["nll"].mean())), n_tokens=int(blocks["heldout"].size),
+                         teacher_bpb=float(ref["nll"].astype(np.float64).sum() / math.log(2)
+                                           / max(int(nbytes[blocks["heldout"][:, 1:]].sum()), 1)),
                          generated=len(generated), gen_blocks=gen_blocks,
                          topk_mass=float(np.exp(ref["topk_logp"]).sum(-1).mean()))
     return w.artifact

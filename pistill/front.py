@@ -2,7 +2,7 @@
 front of non-dominated models, and one sentence placing the student GGUF against the teacher's file of its type.
 
 Rows are the report's plain dicts: `key`, `stage`, `name`, `runtime` ("torch", "llama_cpp", "onnxruntime"), `kind`
-(the number format: "Q4_0", "int4", "nf4"; "" for a folder as saved), `decode_tps`, `ppl`, and `zeroshot`
+(the number format: "Q4_0", "int4", "nf4"; "" for a folder as saved), `decode_tps`, `bpb`, and `zeroshot`
 ({task: {"acc_norm", ...}}).
 """
 
@@ -40,16 +40,17 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def quality(row: dict, tasks: list[str]) -> float | None:
-    """Mean acc_norm over `tasks` (None unless the row has all of them); perplexity when there are no tasks."""
+    """Mean acc_norm over `tasks` (None unless the row has all of them); held-out bits per byte when there are no
+    tasks (it compares models whatever their vocabulary)."""
     if not tasks:
-        return _num(row.get("ppl"))
+        return _num(row.get("bpb"))
     scores = [_num(((row.get("zeroshot") or {}).get(t) or {}).get("acc_norm")) for t in tasks]
     return sum(scores) / len(scores) if scores and None not in scores else None
 
 
 def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """(quality, speed) `a` is at least as good as `b` on both and better on one (quality oriented: higher is
-    better; negate perplexity before)."""
+    better; negate bits per byte before)."""
     return a[0] >= b[0] and a[1] >= b[1] and a != b
 
 
@@ -60,7 +61,7 @@ def front(rows: list[dict], tasks: list[str]) -> dict:
               for r in rows if (q := quality(r, tasks)) is not None and _num(r.get("decode_tps"))]
     oriented = [((p["quality"] if higher else -p["quality"]), p["decode_tps"]) for p in points]
     on_front = [p["key"] for p, o in zip(points, oriented) if not any(dominates(x, o) for x in oriented)]
-    return {"quality": "mean acc_norm" if higher else "perplexity", "higher_is_better": higher, "tasks": tasks,
+    return {"quality": "mean acc_norm" if higher else "bits per byte", "higher_is_better": higher, "tasks": tasks,
             "points": points, "front": on_front}
 
 
@@ -98,9 +99,9 @@ def verdict(rows: list[dict], tasks: list[str], task_labels: list[str],
     else:
         head = f"the student is {abs(st / tt - 1) * 100:.0f}% {'faster' if st >= tt else 'slower'} than {whom} at "
         head += (f"{abs(tq - sq) * 100:.1f} points {'higher' if better_q else 'lower'} accuracy" if higher
-                 else f"{'lower' if better_q else 'higher'} perplexity")
+                 else f"{'fewer' if better_q else 'more'} bits per byte")
     if higher and chance and (kept := retention(student, teacher, chance)) is not None:
         head += f", keeping {kept * 100:.0f}% of its accuracy above chance"
-    what = f"mean acc_norm over {' and '.join(task_labels)}" if higher else "held-out perplexity"
+    what = f"mean acc_norm over {' and '.join(task_labels)}" if higher else "held-out bits per byte"
     return (f"{head} ({what} {sq:.3f} against {tq:.3f}; decode {st:.1f} against {tt:.1f} tok/s, "
             f"{student['name']} against {teacher['name']})")

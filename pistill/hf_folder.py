@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import InputError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json")  # copied beside saved weights and exports
+                   "chat_template.jinja", "generation_config.json", "vocab_map.json")  # copied beside weights, exports
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 

@@ -81,9 +81,19 @@ def from_dict(doc: dict, path: Path | None = None) -> Recipe:
                 cfg.validate_paths()
             except ValueError as e:
                 raise RecipeError(f"[{name}] {e}") from None
+    check_across(configs)
     default_name = path.stem if path else "recipe"
     out = os.path.expanduser(doc.get("out", f"runs/{default_name}"))  # `~/runs/x`, not a folder named ~
     return Recipe(doc.get("name", default_name), out, configs, path, build_config(SEARCH, doc.get(SEARCH.name, {})))
+
+
+def check_across(configs: dict) -> None:
+    """Options of two tables that cannot go together, refused at load."""
+    vocab = getattr(configs.get("prune"), "vocab", None)
+    if vocab is not None and getattr(configs.get("bench"), "speculative", False):
+        raise RecipeError(f"[bench] speculative = true drafts with the student, whose vocabulary [prune] vocab = "
+                          f"{vocab} trims: its token ids are not the teacher's, and a draft must share the teacher's "
+                          "tokenizer; unset [prune] vocab or set speculative = false")
 
 
 def dumps(rec: Recipe) -> str:

@@ -30,7 +30,7 @@ LABELS = {s.name: s.label for s in STAGES if s.label} | {  # model stage -> row 
     SPECULATIVE: "teacher GGUF {kind} + student draft (speculative)"}
 LEADING = ("teacher", "baseline")  # the teacher and its own GGUF files head the table
 MODEL_STAGES = LEADING + tuple(s for s in LABELS if s not in LEADING)  # rows, then in pipeline order
-QUALITY = ("params", "bytes", "ppl", "agreement", "kl")  # from each model artifact's metrics
+QUALITY = ("params", "bytes", "bpb", "ppl", "agreement", "kl")  # from each model artifact's metrics
 SPEED = ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "load_s")  # from the bench artifact's bench.json
 
 
@@ -49,10 +49,12 @@ def model_row(key: str, label: str, metrics: dict, speed: dict | None) -> dict:
 def teacher_metrics(teacher: dict, data: dict) -> dict:
     """The teacher's metrics, completed: held-out ppl from the data artifact when the teacher has none, and
     agreement 1 / KL 0 by definition (the data artifact's reference is the teacher's own prediction)."""
-    ppl = teacher.get("ppl")
+    ppl, bpb = teacher.get("ppl"), teacher.get("bpb")
     if ppl is None:
         ppl = data.get("ppl", data.get("teacher_ppl"))
-    return {"agreement": 1.0, "kl": 0.0, **teacher, "ppl": ppl}
+    if bpb is None:
+        bpb = data.get("bpb", data.get("teacher_bpb"))
+    return {"agreement": 1.0, "kl": 0.0, **teacher, "ppl": ppl, "bpb": bpb}
 
 
 def stage_of(key: str) -> str:
@@ -168,7 +170,8 @@ def speculative_row(rows: list[dict], result: dict, student: dict) -> dict:
     teacher = next((r for r in rows if r["stage"] == "baseline" and r["kind"] == kind), {})
     spec = result.get("speculative") or {}
     files = [(result.get("model") or {}).get("bytes"), (spec.get("draft") or {}).get("bytes")]
-    metrics = {k: teacher.get(k) for k in ("ppl", "agreement", "kl")} | {"bytes": None if None in files else sum(files)}
+    metrics = {k: teacher.get(k) for k in ("bpb", "ppl", "agreement", "kl")} | \
+        {"bytes": None if None in files else sum(files)}
     row = model_row(SPECULATIVE, model_label(SPECULATIVE, student), metrics, result)
     row["runtime"], row["kind"] = run_format("gguf", kind, result)
     row["zeroshot"], row["eval_note"] = teacher.get("zeroshot") or {}, None
@@ -265,7 +268,7 @@ def device_report(target: str, device: dict, labels: dict[str, str], kinds: dict
 
 def snapshot(run_dir: Path, rows: list[dict], created: str) -> dict:
     """One point of history: a run's models by size, quality and speed at one time."""
-    keep = ("key", "stage", "name", "bytes", "ppl", "decode_tps", "prefill_tps")
+    keep = ("key", "stage", "name", "bytes", "bpb", "ppl", "decode_tps", "prefill_tps")
     return {"run": run_dir.name, "path": str(run_dir.resolve()), "created": created,
             "rows": [{k: r.get(k) for k in keep} for r in rows]}
 

@@ -38,13 +38,13 @@ def _ms_per_token(r: dict) -> float | None:
 
 STAGE_PANELS = (  # (title, value of a row)
     ("size (MB)", lambda r: (_num(r.get("bytes")) or 0) / 1e6 or None),
-    ("perplexity", lambda r: _num(r.get("ppl"))),
+    ("bits per byte", lambda r: _num(r.get("bpb"))),
     ("decode latency (ms/token)", _ms_per_token),
 )
 
 
 def stage_chart(rows: list[dict]):
-    """Size, perplexity and decode latency per model, side by side (a missing figure is an empty bar)."""
+    """Size, bits per byte and decode latency per model, side by side (a missing figure is an empty bar)."""
     from matplotlib.figure import Figure
 
     names = [r["name"] for r in rows]
@@ -59,10 +59,10 @@ def stage_chart(rows: list[dict]):
 
 
 def tradeoff_chart(rows: list[dict]):
-    """Size against perplexity, each model coloured by decode tok/s: what each stage bought."""
+    """Size against held-out bits per byte, each model coloured by decode tok/s: what each stage bought."""
     from matplotlib.figure import Figure
 
-    pts = [(r, _num(r.get("bytes")), _num(r.get("ppl"))) for r in rows]
+    pts = [(r, _num(r.get("bytes")), _num(r.get("bpb"))) for r in rows]
     pts = [(r, b / 1e6, p) for r, b, p in pts if b is not None and p is not None]
     if not pts:
         return None
@@ -82,7 +82,7 @@ def tradeoff_chart(rows: list[dict]):
     if timed:
         fig.colorbar(sc, ax=ax, label="decode tok/s")
     ax.set_xlabel("size (MB)")
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel("bits per byte (lower is better)")
     ax.set_title("size vs quality vs speed")
     return fig
 
@@ -130,7 +130,7 @@ def sweep_chart(devices: list[dict]):
 
 
 def history_chart(history: list[dict]):
-    """Decode tok/s and perplexity of each model across earlier reports (two or more)."""
+    """Decode tok/s and bits per byte of each model across earlier reports (two or more)."""
     from matplotlib.figure import Figure
 
     if len(history) < 2:
@@ -138,7 +138,7 @@ def history_chart(history: list[dict]):
     labels = [f"{h['run']}\n{h['created'][5:16].replace('T', ' ')}" for h in history]
     names = list(dict.fromkeys(r["name"] for h in history for r in h["rows"]))
     fig = Figure(figsize=(12, 3.8))
-    for i, (key, title) in enumerate((("decode_tps", "decode tok/s"), ("ppl", "perplexity"))):
+    for i, (key, title) in enumerate((("decode_tps", "decode tok/s"), ("bpb", "bits per byte"))):
         ax = fig.add_subplot(1, 2, i + 1)
         for name in names:
             ys = [next((_num(r.get(key)) for r in h["rows"] if r["name"] == name), None) for h in history]
@@ -153,7 +153,7 @@ FRONT_TITLE = "Quality vs decode speed"
 
 
 def front_chart(fr: dict):
-    """Quality (mean acc_norm over the tasks, or perplexity) against decode tok/s on the bench target, with the front
+    """Quality (mean acc_norm over the tasks, or bits per byte) against decode tok/s on the bench target, with the front
     of non-dominated models drawn through them."""
     from matplotlib.figure import Figure
 
@@ -175,7 +175,7 @@ def front_chart(fr: dict):
     where = f" on {fr['target']}" if fr.get("target") else ""
     ax.set_xlabel(f"decode tok/s{where}")
     tasks = ", ".join(fr.get("task_labels") or fr.get("tasks") or [])
-    ax.set_ylabel(f"mean acc_norm ({tasks})" if fr.get("higher_is_better") else "perplexity (lower is better)")
+    ax.set_ylabel(f"mean acc_norm ({tasks})" if fr.get("higher_is_better") else "bits per byte (lower is better)")
     ax.set_title("quality vs decode speed")
     return fig
 

@@ -30,7 +30,8 @@ def _count(v: object) -> str:
 COLUMNS: tuple[tuple[str, str, Callable[[object], str]], ...] = (  # (row key, header, formatter)
     ("params", "params", _count),
     ("bytes", "size (MB)", _num(".1f", 1e-6)),
-    ("ppl", "ppl", _num(".2f")),
+    ("bpb", "bits/byte", _num(".3f")),  # held-out bits per byte: compares models whatever their vocabulary
+    ("ppl", "ppl", _num(".2f")),  # per teacher token of the same text
     ("agreement", "agree (%)", _num(".1f", 100)),  # `agreement` is a fraction of held-out tokens
     ("kl", "KL", _num(".3f")),
     ("prefill_tps", "prefill tok/s", _num(".1f")),

@@ -1,17 +1,21 @@
 """`pistill search`: the best student for a decode-speed and memory budget on a device, found by measuring on it.
 
 An Optuna study (TPE, two objectives: quality and decode tok/s, with the budget as constraints) proposes a pruning
-shape (layers, MLP share, query heads), a file type (GGUF types, ONNX int4) and a thread count. Before anything is
-built, `speedmodel` predicts the trial's file bytes, decode and prefill speed and peak memory on the device; a trial
-predicted to miss the budget by more than `skip_margin` is skipped (recorded, not built). Every other trial runs the
-recipe's stages with that shape (prune, the shared distillation teacher, a short healing distillation, the export
-with its checks), is benchmarked on the target and scored (held-out perplexity and KL of the file, zero-shot
-accuracy on the recipe's tasks), and its measurement refits the predictor.
+shape (layers, MLP share, query heads; with `vocab` and `mend`, the tokens kept and the mending of dropped layers),
+a file type (GGUF types, ONNX int4) and a thread count. Before anything is built, `speedmodel` predicts the trial's
+file bytes, decode and prefill speed and peak memory on the device; a trial predicted to miss the budget by more
+than `skip_margin` is skipped (recorded, not built). Every other trial runs the recipe's stages with that shape
+(prune, the shared distillation teacher, a short healing distillation, the export with its checks), is benchmarked
+on the target and scored (held-out perplexity and KL of the file, zero-shot accuracy on the recipe's tasks), and its
+measurement refits the predictor.
 
 Everything is an artifact: the teacher, the data and the distillation teacher once in `<out>/shared`, each trial's
 stages in `<out>/trials/<params hash>` (content-keyed: a finished stage is skipped), the study in `<out>/study.db`
-(SQLite). A rerun of the same command reuses every finished trial; a trial interrupted mid-way is asked again with
-the same parameters and continues from its finished stages (and the distillation from its checkpoint). The teacher's
+(SQLite). Once a trial is measured its pruned and distilled models and unquantized GGUF are removed (`keep_trials`
+keeps them); their manifests stay, so the trial's stages are still reused, and rebuilt only when a later stage must
+run again on them. Before each trial the free disk space of `<out>` is checked against the largest trial so far.
+A rerun of the same command reuses every finished trial; a trial interrupted mid-way is asked again with the same
+parameters and continues from its finished stages (and the distillation from its checkpoint). The teacher's
 own files of each type, measured the same way, are the predictor's first points and the report's references.
 
 At the end the best measured trial within the budget (by `objective`) is benchmarked again (`confirm`); its recipe is
@@ -26,16 +30,18 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from .artifact import Artifact, config_dict
-from .errors import UsageError, UserError
+from .errors import OutputError, UsageError, UserError
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("ppl", "accuracy")
+OBJECTIVES = ("bpb", "ppl", "accuracy")
+LOWER_IS_BETTER = ("bpb", "ppl")
 TRIAL_STAGES = ("prune", "quantize", "distill")  # built per trial (unless the key ignores the pruning), then the export
 ONNX_INT4 = "onnx-int4"  # the ONNX export ([onnx] options, 4-bit MatMulNBits) as a choice beside the GGUF types
 
@@ -44,6 +50,8 @@ def export_stage(quant: str) -> str:
     """The stage that writes a trial's file: "onnx" for ONNX_INT4, else "gguf"."""
     return "onnx" if quant == ONNX_INT4 else "gguf"
 MAX_ASKS_PER_TRIAL = 20  # skipped or repeated proposals allowed per trial measured before the search gives up
+DISK_PER_TRIAL = 1_200_000_000  # bytes a trial is taken to need before one has finished (SmolLM2-135M: about 1 GB)
+PRUNE_AXES = ("n_heads", "vocab", "mend")  # searched only when listed; passed to the trial's [prune] as they are
 
 
 @dataclass(frozen=True)
@@ -51,22 +59,27 @@ class SearchConfig:
     """The search space, the budget and the effort per trial ([search] in a recipe; the command line overrides the
     budget, the trial count and the target)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     trials: int = 12  # trials built and measured (skipped ones are not counted)
     steps: int = 8  # healing distillation steps per trial; [distill] gives everything else
     n_layer: list[int] = field(default_factory=list)  # [fewest, most] layers kept; [] = 40% .. all of the teacher's
     ffn_ratio: list[float] = field(default_factory=lambda: [0.5, 1.0])  # [lowest, highest] share of MLP channels
     ffn_step: float = 0.125  # MLP share step
     n_heads: list[int] = field(default_factory=list)  # query-head counts tried; [] = the recipe's [prune] n_heads
+    vocab: list[int] = field(default_factory=list)  # [fewest, most] tokens kept ([prune] vocab); [] = the recipe's
+    mend: list[str] = field(default_factory=list)  # [prune] mend choices, e.g. ["none", "linear"]; [] = the recipe's
     quants: list[str] = field(default_factory=lambda: ["Q4_0", "Q4_K_M", "Q8_0"])  # GGUF types tried; "onnx-int4"
     threads: list[int] = field(default_factory=list)  # runtime threads tried; [] = [bench] threads
-    objective: str = "ppl"  # "ppl": the file's held-out perplexity; "accuracy": mean acc_norm over [eval] tasks
+    # "bpb": the file's held-out bits per byte (compares any vocabulary); "ppl": its perplexity per teacher token (the
+    # same ranking); "accuracy": mean acc_norm over [eval] tasks
+    objective: str = "bpb"
     eval_items: int = 100  # zero-shot items per task per trial (0 = none: then objective must be ppl)
     min_decode_tok_s: float = 0.0  # the budget: decode at least this fast on the target (0 = no limit)
     max_memory_mb: float = 0.0  # ... and peak memory at most this (0 = no limit)
     skip_margin: float = 0.15  # skip a trial predicted more than this share outside the budget
     confirm: bool = True  # benchmark the chosen model again before writing best.toml
     seed: int = 0  # the sampler's seed
+    keep_trials: bool = False  # keep each trial's pruned and distilled models and unquantized GGUF once measured
 
     def __post_init__(self):
         from .export.gguf_quantize import check_quant
@@ -74,8 +87,12 @@ class SearchConfig:
         for name in ("trials", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
-        if self.n_layer and (len(self.n_layer) != 2 or not 1 <= self.n_layer[0] <= self.n_layer[1]):
-            raise ValueError(f"n_layer = {self.n_layer} must be [fewest, most] with 1 <= fewest <= most, e.g. [12, 30]")
+        for name, example in (("n_layer", "[12, 30]"), ("vocab", "[8192, 49152]")):
+            span = getattr(self, name)
+            if span and (len(span) != 2 or not 1 <= span[0] <= span[1]):
+                raise ValueError(f"{name} = {span} must be [fewest, most] with 1 <= fewest <= most, e.g. {example}")
+        if len(set(self.mend)) != len(self.mend):
+            raise ValueError(f"mend = {self.mend} repeats a choice; list each once")
         if len(self.ffn_ratio) != 2 or not 0 < self.ffn_ratio[0] <= self.ffn_ratio[1] <= 1:
             raise ValueError(f"ffn_ratio = {self.ffn_ratio} must be [lowest, highest] in (0, 1], e.g. [0.5, 1.0]")
         if not 0 < self.ffn_step <= 1:
@@ -90,7 +107,7 @@ class SearchConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective = '{self.objective}' is unknown; use {' or '.join(OBJECTIVES)}")
         if self.objective == "accuracy" and self.eval_items == 0:
-            raise ValueError("objective = 'accuracy' needs zero-shot items: set eval_items > 0, or objective = 'ppl'")
+            raise ValueError("objective = 'accuracy' needs zero-shot items: set eval_items > 0, or objective = 'bpb'")
         for name in ("eval_items", "min_decode_tok_s", "max_memory_mb", "skip_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be 0 or more")
@@ -108,6 +125,8 @@ class Space:
     n_heads: tuple[int, ...]  # empty: the recipe's
     quants: tuple[str, ...]
     threads: tuple[int, ...]
+    vocab: tuple[int, ...] = ()  # (fewest, most) tokens kept; empty: the recipe's
+    mend: tuple[str, ...] = ()  # empty: the recipe's
 
     def suggest(self, trial) -> dict:
         params = {"n_layer": trial.suggest_int("n_layer", *self.n_layer),
@@ -116,6 +135,10 @@ class Space:
                   "threads": trial.suggest_categorical("threads", list(self.threads))}
         if self.n_heads:
             params["n_heads"] = trial.suggest_categorical("n_heads", list(self.n_heads))
+        if self.vocab:
+            params["vocab"] = trial.suggest_int("vocab", *self.vocab, log=True)
+        if self.mend:
+            params["mend"] = trial.suggest_categorical("mend", list(self.mend))
         return params
 
     def contains(self, params: dict) -> bool:
@@ -123,7 +146,9 @@ class Space:
         steps = (ratio - self.ffn_ratio[0]) / self.ffn_step
         return (self.n_layer[0] <= params["n_layer"] <= self.n_layer[1] and params["quant"] in self.quants
                 and self.ffn_ratio[0] <= ratio <= self.ffn_ratio[1] and abs(steps - round(steps)) < 1e-9
-                and params["threads"] in self.threads and (not self.n_heads or params.get("n_heads") in self.n_heads))
+                and params["threads"] in self.threads and (not self.n_heads or params.get("n_heads") in self.n_heads)
+                and (not self.vocab or self.vocab[0] <= params.get("vocab", 0) <= self.vocab[1])
+                and (not self.mend or params.get("mend") in self.mend))
 
 
 def resolve_space(cfg: SearchConfig, hf: dict, bench_threads: int) -> Space:
@@ -133,16 +158,31 @@ def resolve_space(cfg: SearchConfig, hf: dict, bench_threads: int) -> Space:
     if hi > layers:
         raise UsageError(f"[search] n_layer = [{lo}, {hi}] goes past the teacher's {layers} layers; use at most "
                          f"[{lo}, {layers}]")
+    if cfg.vocab and cfg.vocab[1] > hf["vocab_size"]:
+        raise UsageError(f"[search] vocab = {cfg.vocab} goes past the teacher's {hf['vocab_size']} tokens; use at "
+                         f"most [{cfg.vocab[0]}, {hf['vocab_size']}]")
     return Space((lo, hi), (cfg.ffn_ratio[0], cfg.ffn_ratio[1]), cfg.ffn_step, tuple(cfg.n_heads),
-                 tuple(cfg.quants), tuple(cfg.threads) or (bench_threads,))
+                 tuple(cfg.quants), tuple(cfg.threads) or (bench_threads,), tuple(cfg.vocab), tuple(cfg.mend))
+
+
+def check_prune_axes(prune, space: Space) -> None:
+    """UsageError, before any trial, when the recipe's [prune] does not take a searched vocab or mend value."""
+    for name, values in (("vocab", space.vocab), ("mend", space.mend)):
+        for value in values:
+            try:
+                dataclasses.replace(prune, **{name: value})
+            except TypeError:
+                raise UsageError(f"[search] {name}: this pistill's [prune] has no '{name}' option; remove "
+                                 f"[search] {name}") from None
+            except ValueError as e:
+                raise UsageError(f"[search] {name} = {list(values)}: [prune] refuses {value!r}: {e}") from None
 
 
 def trial_configs(rec, params: dict, cfg: SearchConfig, bench) -> dict:
     """The recipe's stage configs for one trial: its shape, a short healing distillation, its file type, its
     threads, the search's bench target and the search's zero-shot items."""
     prune = dataclasses.replace(rec.configs["prune"], n_layer=params["n_layer"], ffn_ratio=params["ffn_ratio"],
-                                ffn_dim=None, target_params=None,
-                                **({"n_heads": params["n_heads"]} if "n_heads" in params else {}))
+                                ffn_dim=None, target_params=None, **{k: params[k] for k in PRUNE_AXES if k in params})
     base = rec.configs["distill"]
     ckpt = min(base.ckpt_every or 4, max(1, cfg.steps // 2))
     grid = "int4" if params["quant"] == ONNX_INT4 else params["quant"].lower()
@@ -164,32 +204,43 @@ def params_key(params: dict) -> str:
 
 
 def describe_params(params: dict) -> str:
-    heads = f", {params['n_heads']} heads" if "n_heads" in params else ""
+    heads = "".join(f", {params[k]} {unit}" for k, unit in (("n_heads", "heads"), ("vocab", "tokens")) if k in params)
+    heads += f", mend {params['mend']}" if "mend" in params else ""
     return (f"{params['n_layer']} layers, MLP {params['ffn_ratio']:.3g}{heads}, {params['quant']}, "
             f"{params['threads']} thread{'s' if params['threads'] > 1 else ''}")
 
 
 # --- shapes and predictions --------------------------------------------------------------------------------------
 
+def vocab_rows(hf: dict, vocab: int | float | None) -> int:
+    """The vocabulary rows a trial keeps: [prune] vocab as a count or a share of the teacher's (None: all)."""
+    if vocab is None:
+        return hf["vocab_size"]
+    return min(round(vocab * hf["vocab_size"]) if isinstance(vocab, float) else int(vocab), hf["vocab_size"])
+
+
 def shape_sizes(hf: dict, prune_cfg) -> dict:
-    """The pruned shape of a trial and its parameter counts: all, vocabulary matrices, the rest, and the weights
-    multiplied per token. InputError for an impossible shape (before any weight is touched)."""
+    """The pruned shape of a trial and its parameter counts: all, vocabulary matrices (the rows [prune] vocab keeps),
+    the rest, and the weights multiplied per token. InputError for an impossible shape (before any weight is
+    touched)."""
     from .compress.prune import target_shape
     from .compress.shapes import param_count
     from .hf_folder import tied_embeddings
 
     shape = target_shape(hf, prune_cfg)
-    total = param_count(shape, hf)
-    vocab = hf["vocab_size"] * shape.hidden
-    embed = vocab * (1 if tied_embeddings(hf) else 2)
+    rows = vocab_rows(hf, getattr(prune_cfg, "vocab", None))
+    total = param_count(shape, {**hf, "vocab_size": rows})
+    vocab = rows * shape.hidden
+    embed = vocab * (1 if tied_embeddings(hf) else 2)  # tied: one matrix, the lookup table and the output projection
     matmul = total - (0 if tied_embeddings(hf) else vocab)  # the lookup table is not multiplied; a tied one is
     return {"shape": dataclasses.asdict(shape), "params": total, "embed_params": embed,
-            "other_params": total - embed, "matmul_params": matmul}
+            "other_params": total - embed, "matmul_params": matmul, "vocab_share": rows / hf["vocab_size"]}
 
 
 def predict(model, sizes: dict, params: dict) -> dict:
     """The predicted file bytes, decode / prefill tok/s and peak RSS of a trial."""
-    nbytes = model.file_bytes(params["quant"], sizes["embed_params"], sizes["other_params"])
+    nbytes = model.file_bytes(params["quant"], sizes["embed_params"], sizes["other_params"],
+                              sizes.get("vocab_share", 1.0))
     if nbytes is None:
         return {"bytes": None, "decode_tps": None, "prefill_tps": None, "peak_rss_mb": None}
     return {"bytes": nbytes, **model.predict(nbytes, sizes["matmul_params"], params["threads"], params["quant"])}
@@ -255,7 +306,7 @@ def quality(export: Artifact, ev: Artifact | None) -> dict:
     from .zeroshot import read_eval
 
     m = export.metrics
-    out = {"ppl": m.get("ppl"), "kl": m.get("kl"), "agreement": m.get("agreement"), "tasks": {}}
+    out = {"bpb": m.get("bpb"), "ppl": m.get("ppl"), "kl": m.get("kl"), "agreement": m.get("agreement"), "tasks": {}}
     result = read_eval(ev)["models"].get(export.stage) or {}
     for task, r in (result.get("tasks") or {}).items():
         out["tasks"][task] = {"acc_norm": r["acc_norm"], "stderr": r.get("acc_norm_stderr"), "n": r.get("n")}
@@ -265,16 +316,16 @@ def quality(export: Artifact, ev: Artifact | None) -> dict:
 
 
 def objective_value(q: dict, cfg: SearchConfig) -> float | None:
-    v = q.get("ppl") if cfg.objective == "ppl" else q.get("accuracy")
+    v = q.get(cfg.objective)
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def directions(cfg: SearchConfig) -> list[str]:
-    return ["minimize" if cfg.objective == "ppl" else "maximize", "maximize"]
+    return ["minimize" if cfg.objective in LOWER_IS_BETTER else "maximize", "maximize"]
 
 
 def better(a: float, b: float, cfg: SearchConfig) -> bool:
-    return a < b if cfg.objective == "ppl" else a > b
+    return a < b if cfg.objective in LOWER_IS_BETTER else a > b
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -292,24 +343,35 @@ class Search:
     model: object = None  # the SpeedModel
     references: list[dict] = field(default_factory=list)  # the teacher's own files, measured like trials
 
-    def stage(self, name: str, arts: dict, cfgs: dict, folder: Path, inputs: tuple[str, ...] | None = None):
+    def stage(self, name: str, arts: dict, cfgs: dict, folder: Path, inputs: tuple[str, ...] | None = None,
+              force: bool = False):
         """Run (or reuse) one stage into `folder/<name>`, or into the shared folder when its key ignores the
-        pruning (the distillation teacher of `source = "teacher"`): every trial then shares one artifact."""
+        pruning (the distillation teacher of `source = "teacher"`): every trial then shares one artifact. When it
+        must run on an input whose model a measured trial removed (`clean_trial`), that input is built again first
+        (into `arts`)."""
         from . import pipeline
+        from .artifact import input_key
 
         st = pipeline.stage(name)
         if inputs is not None:
             st = dataclasses.replace(st, inputs=inputs)
-        if "prune" in st.inputs and "prune" not in st.keyed(pipeline.named(st, arts), cfgs[name]):
+        reads = st.keyed(pipeline.named(st, arts), cfgs[name])
+        if "prune" in st.inputs and "prune" not in reads:
             folder = self.out / "shared"
-        return pipeline.run_stage(st, arts, cfgs[name], folder / name, force=False)[0]
+        old = pipeline.existing(folder / name)
+        if force or old is None or old.key != input_key(name, cfgs[name], reads):
+            for n in [n for n, a in reads.items() if model_removed(a)]:
+                log.info("search: building %s of %s again (removed after its trial was measured)", n, folder)
+                arts[n] = self.stage(n, arts, cfgs, folder, force=True)
+        return pipeline.run_stage(st, arts, cfgs[name], folder / name, force=force)[0]
 
     def study_name(self, space: Space) -> str:
         """The study's name: a hash of what decides the trials' figures and the budget (not the trial count), so
         the same command continues the same study and a changed recipe or budget starts another."""
         basis = {n: config_dict(self.rec.configs[n]) for n in ("teacher", "data", "prune", "quantize", "distill",
                                                                 "gguf", "eval")}
-        search = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("trials", "confirm")}
+        search = {k: v for k, v in dataclasses.asdict(self.cfg).items()
+                  if k not in ("trials", "confirm", "keep_trials")}
         bench = {k: v for k, v in config_dict(self.bench).items() if k not in ("threads", "thread_sweep")}
         blob = json.dumps([basis, search, dataclasses.asdict(space), bench], sort_keys=True, default=str)
         return "pistill-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -326,6 +388,7 @@ class Search:
             arts[name] = self.stage(name, arts, self.rec.configs, shared)
         self.shared, self.hf = arts, read_config(arts["teacher"].model_path())
         space = resolve_space(self.cfg, self.hf, self.bench.threads)
+        check_prune_axes(self.rec.configs["prune"], space)
         self.model = SpeedModel()
         for quant in space.quants:
             self.references.append(self.reference(quant, space))
@@ -383,7 +446,7 @@ class Search:
         m = measured(bench, cfgs["bench"].threads, export)
         built = [arts[n] for n in ("prune", "distill", export)] + [bench] + ([ev] if ev else [])
         return {"measured": m, "quality": quality(arts[export], ev), "bytes": dir_bytes(arts[export].model_path()),
-                "wall_s": round(sum(a.manifest.get("wall_s", 0) for a in built), 1)}
+                "wall_s": round(sum(a.manifest.get("wall_s", 0) for a in built), 1), "disk_bytes": dir_bytes(folder)}
 
     def first_params(self, space: Space) -> dict | None:
         """The recipe's own shape as the first trial, when the space holds it."""
@@ -394,6 +457,10 @@ class Search:
                   "threads": self.bench.threads if self.bench.threads in space.threads else space.threads[0]}
         if space.n_heads:
             params["n_heads"] = prune.n_heads if prune.n_heads in space.n_heads else space.n_heads[0]
+        if space.vocab:
+            params["vocab"] = min(max(vocab_rows(self.hf, prune.vocab), space.vocab[0]), space.vocab[1])
+        if space.mend:
+            params["mend"] = prune.mend if prune.mend in space.mend else space.mend[0]
         return params if space.contains(params) else None
 
     def loop(self, study, space: Space) -> None:
@@ -416,6 +483,7 @@ class Search:
                                 "predicted to miss the budget or repeated one: loosen --min-decode-tok-s / "
                                 "--max-memory-mb or widen [search] n_layer / ffn_ratio / quants")
             asks += 1
+            check_disk(self.out, trial_disk_bytes(study, self.out))
             self.one_trial(study, space, seen)
 
     def one_trial(self, study, space: Space, seen: dict) -> None:
@@ -460,7 +528,7 @@ class Search:
             return
         m = result["measured"]
         value = objective_value(result["quality"], self.cfg)
-        for k in ("measured", "quality", "bytes", "wall_s"):
+        for k in ("measured", "quality", "bytes", "wall_s", "disk_bytes"):
             trial.set_user_attr(k, result[k])
         if "error" in m or value is None:
             trial.set_user_attr("error", m.get("error") or f"no {self.cfg.objective} measured")
@@ -471,6 +539,8 @@ class Search:
         set_constraints(trial, m, self.cfg)
         study.tell(trial, [value, m["decode_tps"]])
         seen[key] = trial.number
+        if not self.cfg.keep_trials:
+            clean_trial(self.out / "trials" / key, export_stage(params["quant"]))
         log.info("search: trial %d/%d (#%d): %s %.3f, decode %.1f tok/s (predicted %.1f), peak %.0f MB%s", n,
                  self.cfg.trials, trial.number, self.cfg.objective, value, m["decode_tps"], pred["decode_tps"] or 0,
                  m["peak_rss_mb"] or 0, f" [misses the budget: {why}]" if (why := miss(m, self.cfg)) else "")
@@ -478,6 +548,66 @@ class Search:
 
 def _mb(n: int | None) -> str:
     return f"{n / 1e6:.1f} MB" if n else "? MB"
+
+
+# --- disk -----------------------------------------------------------------------------------------------------------
+
+def model_removed(a: Artifact) -> bool:
+    """Whether `clean_trial` removed an artifact's model (its manifest stays)."""
+    if not a.model:
+        return False
+    path = a.model_path()  # an HF model is the artifact's folder itself
+    return not (path / "config.json" if a.model["format"] == "hf" else path).exists()
+
+
+def clean_trial(folder: Path, export: str) -> None:
+    """Remove what a measured trial no longer needs: every file of its prune, quantize and distill artifacts but the
+    manifest, and the export's GGUF files other than its model (the unquantized one). Manifests, the exported model
+    and the bench and eval results stay, so a rerun reuses the trial's stages without rebuilding them."""
+    from .pipeline import existing
+
+    freed = 0
+    for name in TRIAL_STAGES:
+        for p in sorted((folder / name).glob("*")) if (folder / name).is_dir() else []:
+            if p.name != "manifest.json":
+                freed += _remove(p)
+    made = existing(folder / export)
+    if made is not None and made.model and made.model["format"] == "gguf":
+        for p in made.path.glob("*.gguf"):
+            if p != made.model_path():
+                freed += _remove(p)
+    log.info("search: removed %s of intermediate files from %s (keep them with [search] keep_trials = true)",
+             _mb(freed), folder)
+
+
+def _remove(path: Path) -> int:
+    from .artifact import dir_bytes
+
+    n = dir_bytes(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return n
+
+
+def trial_disk_bytes(study, out: Path) -> int:
+    """The disk a trial is taken to need: the largest finished trial's folder (as it was before `clean_trial`),
+    else DISK_PER_TRIAL."""
+    from .artifact import dir_bytes
+
+    sizes = [t.user_attrs.get("disk_bytes") or dir_bytes(out / "trials" / t.user_attrs.get("folder", "-"))
+             for t in study.trials if t.state.name == "COMPLETE"]
+    return max([n for n in sizes if n], default=DISK_PER_TRIAL)
+
+
+def check_disk(out: Path, needed: int) -> None:
+    """OutputError, before a trial is built, when `out`'s disk has less than `needed` bytes free."""
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise OutputError(f"search: {out} has {free / 1e6:.0f} MB free, but a trial needs about {needed / 1e6:.0f} MB "
+                          "(the largest so far, before its clean-up); free some space or run the search with --out on "
+                          "another disk (the finished trials are kept, and a rerun continues from them)")
 
 
 def open_study(name: str, out: Path, cfg: SearchConfig):
@@ -511,7 +641,8 @@ def trial_rows(study, cfg: SearchConfig) -> list[dict]:
         m, p = a.get("measured") or {}, a.get("predicted") or {}
         row = {"number": t.number, "params": t.params, "state": t.state.name.lower(), "folder": a.get("folder"),
                "sizes": a.get("sizes"), "predicted": p, "measured": m, "quality": a.get("quality"),
-               "bytes": a.get("bytes"), "wall_s": a.get("wall_s"), "skipped": a.get("skipped"),
+               "bytes": a.get("bytes"), "wall_s": a.get("wall_s"), "disk_bytes": a.get("disk_bytes"),
+               "skipped": a.get("skipped"),
                "error": a.get("error") or ("interrupted; asked again" if t.state.name == "FAIL" else None)}
         if t.state.name == "COMPLETE":
             row["within"] = miss(m, cfg) is None
@@ -526,7 +657,7 @@ def ranked(rows: list[dict], cfg: SearchConfig) -> list[dict]:
     """Measured trials within the budget, best `objective` first (faster first on a tie)."""
     ok = [r for r in rows if r["state"] == "complete" and miss(r["measured"], cfg) is None
           and objective_value(r["quality"], cfg) is not None]
-    sign = 1 if cfg.objective == "ppl" else -1
+    sign = 1 if cfg.objective in LOWER_IS_BETTER else -1
     return sorted(ok, key=lambda r: (sign * objective_value(r["quality"], cfg), -r["measured"]["decode_tps"]))
 
 
@@ -534,7 +665,7 @@ def front_keys(rows: list[dict], cfg: SearchConfig) -> list[int]:
     """The measured trials no other measured trial beats on both quality and decode speed."""
     from .front import dominates
 
-    pts = {r["number"]: ((-1 if cfg.objective == "ppl" else 1) * objective_value(r["quality"], cfg),
+    pts = {r["number"]: ((-1 if cfg.objective in LOWER_IS_BETTER else 1) * objective_value(r["quality"], cfg),
                          r["measured"]["decode_tps"])
            for r in rows if r["state"] == "complete" and objective_value(r["quality"], cfg) is not None}
     return [n for n, p in pts.items() if not any(dominates(q, p) for q in pts.values())]

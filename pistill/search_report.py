@@ -43,15 +43,17 @@ def tables(doc: dict) -> dict[str, list[list[str]]]:
     """The report's tables as rows of cells (first row: the header)."""
     chosen, front = doc["chosen"], set(doc["front"])
     refs = [["model", "file MB", *[f"decode tok/s ({t} thr)" for t in doc["space"]["threads"]], "peak MB",
-             "held-out ppl", "acc_norm per task"]]
+             "bits/byte", "held-out ppl", "acc_norm per task"]]
     for r in doc["references"]:
         ms = r["measured"]
         speeds = [_f(ms[str(t)].get("decode_tps")) for t in doc["space"]["threads"]]
         refs.append([r["name"], _f(r["bytes"] / 1e6), *speeds,
                      _f(max((m.get("peak_rss_mb") or 0) for m in ms.values()), ".0f"),
-                     _f((r["quality"] or {}).get("ppl"), ".2f"), _acc(r["quality"])])
-    trials = [["#", "layers", "MLP", "type", "thr", "params M", "MB pred / meas", "decode pred / meas (err)",
-               "prefill pred / meas", "peak MB pred / meas", "ppl", "KL", "acc_norm per task", "result"]]
+                     _f((r["quality"] or {}).get("bpb"), ".3f"), _f((r["quality"] or {}).get("ppl"), ".2f"),
+                     _acc(r["quality"])])
+    trials = [["#", "layers", "MLP", "vocab", "mend", "type", "thr", "params M", "MB pred / meas",
+               "decode pred / meas (err)", "prefill pred / meas", "peak MB pred / meas", "bits/byte", "ppl", "KL",
+               "acc_norm per task", "result"]]
     for r in doc["trials"]:
         p, pr, m, q = r["params"], r["predicted"] or {}, r["measured"] or {}, r["quality"] or {}
         err = (r.get("prediction_error") or {}).get("decode_tps")
@@ -61,14 +63,20 @@ def tables(doc: dict) -> dict[str, list[list[str]]]:
         else:
             result = r.get("skipped") or r.get("error") or r["state"]
         trials.append([str(r["number"]), str(p.get("n_layer", "–")), _f(p.get("ffn_ratio"), ".3g"),
-                       str(p.get("quant", "–")), str(p.get("threads", "–")),
+                       str(p.get("vocab", "all")), str(p.get("mend", "–")), str(p.get("quant", "–")),
+                       str(p.get("threads", "–")),
                        _f((r.get("sizes") or {}).get("params", 0) / 1e6), f"{_f((pr.get('bytes') or 0) / 1e6)} / "
                        f"{_f((r.get('bytes') or 0) / 1e6) if r.get('bytes') else '–'}",
                        f"{_f(pr.get('decode_tps'))} / {_f(m.get('decode_tps'))} ({_pct(err)})",
                        f"{_f(pr.get('prefill_tps'), '.0f')} / {_f(m.get('prefill_tps'), '.0f')}",
                        f"{_f(pr.get('peak_rss_mb'), '.0f')} / {_f(m.get('peak_rss_mb'), '.0f')}",
-                       _f(q.get("ppl"), ".2f"), _f(q.get("kl"), ".3f"), _acc(q), result])
+                       _f(q.get("bpb"), ".3f"), _f(q.get("ppl"), ".2f"), _f(q.get("kl"), ".3f"), _acc(q),
+                       result])
     return {"references": refs, "trials": trials}
+
+
+OBJECTIVE_TEXT = {"bpb": "held-out bits per byte of the file", "ppl": "held-out perplexity of the file",
+                  "accuracy": "mean zero-shot acc_norm"}
 
 
 def summary_lines(doc: dict) -> list[str]:
@@ -76,7 +84,7 @@ def summary_lines(doc: dict) -> list[str]:
     done = [r for r in rows if r["state"] == "complete"]
     skipped = [r for r in rows if r.get("skipped", "") and r["skipped"].startswith("predicted")]
     lines = [f"- Target: {', '.join(doc['targets'])}; budget: {budget_text(cfg)}; objective: "
-             f"{'held-out perplexity of the file' if doc['objective'] == 'ppl' else 'mean zero-shot acc_norm'}.",
+             f"{OBJECTIVE_TEXT.get(doc['objective'], doc['objective'])}.",
              f"- Trials: {len(done)} measured, {len(skipped)} skipped on the prediction, "
              f"{sum(r['state'] == 'fail' for r in rows)} failed; each healed with {cfg['steps']} distillation steps."]
     errs = {k: mean_abs(done, k) for k in ("bytes", "decode_tps", "prefill_tps", "peak_rss_mb")}
@@ -96,7 +104,8 @@ def summary_lines(doc: dict) -> list[str]:
         lines.append(f"- **Chosen: trial #{chosen['number']}**: {p['n_layer']} layers, MLP {p['ffn_ratio']:g}, "
                      f"{p['quant']}, {p['threads']} thread{'s' if p['threads'] > 1 else ''}; decode "
                      f"{_f(m['decode_tps'])} tok/s, peak {_f(m['peak_rss_mb'], '.0f')} MB, "
-                     f"held-out ppl {_f(chosen['quality'].get('ppl'), '.2f')}{again}. Recipe: `{doc['best_recipe']}` "
+                     f"held-out {_f(chosen['quality'].get('bpb'), '.3f')} bits per byte (ppl "
+                     f"{_f(chosen['quality'].get('ppl'), '.2f')}){again}. Recipe: `{doc['best_recipe']}` "
                      f"(`pistill run {doc['best_recipe']}` builds it again, with the full report).")
     return lines
 
@@ -122,8 +131,8 @@ def front_chart(doc: dict):
     as crosses, the budget as a line, the chosen trial ringed."""
     from matplotlib.figure import Figure
 
-    ppl = doc["objective"] == "ppl"
-    key = "ppl" if ppl else "accuracy"
+    key = doc["objective"]
+    ppl = key in ("bpb", "ppl")  # lower is better
     done = [r for r in doc["trials"] if r["state"] == "complete" and (r["quality"] or {}).get(key) is not None]
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
@@ -151,7 +160,8 @@ def front_chart(doc: dict):
     if doc["config"]["min_decode_tok_s"]:
         ax.axvline(doc["config"]["min_decode_tok_s"], color="red", lw=0.8, ls=":", label="budget")
     ax.set_xlabel("decode tok/s (measured on the target)")
-    ax.set_ylabel("held-out perplexity (lower is better)" if ppl else "mean acc_norm")
+    ax.set_ylabel(f"held-out {OBJECTIVE_TEXT[key].split(' of ')[0].replace('held-out ', '')} (lower is better)"
+                  if ppl else "mean acc_norm")
     if ppl:
         from matplotlib.ticker import FuncFormatter
 

@@ -1,6 +1,10 @@
 """What a model will do on a device before it is built: its GGUF file's bytes from its shape, its decode and prefill
 speed and its peak memory from those bytes, fitted to every measurement on that device as it arrives.
 
+The vocabulary matrices are part of those bytes at their own rate, with as many rows as the trial keeps ([prune]
+vocab): the output projection is read for every token (a tied embedding is that one matrix), and the tokenizer in
+the file's header shrinks with the vocabulary too.
+
 Decode on a CPU is memory-bound: every token reads every weight once, so the seconds per token are close to a fixed
 cost plus the file's bytes over the bandwidth the runtime reaches (`a + b * bytes`). Each GGUF type has its own
 kernels (a Q4_K_M byte costs more to unpack than a Q4_0 byte), so there is one line per type and thread count.
@@ -32,8 +36,11 @@ class FileRates:
     other_bpw: float
     header_bytes: int
 
-    def bytes(self, embed_params: int, other_params: int) -> int:
-        return int(self.header_bytes + (embed_params * self.embed_bpw + other_params * self.other_bpw) / 8)
+    def bytes(self, embed_params: int, other_params: int, vocab_share: float = 1.0) -> int:
+        """A file's bytes from its vocabulary matrices' and other weights' counts; `vocab_share` of the vocabulary
+        kept scales the header (the tokenizer is most of it)."""
+        weights = embed_params * self.embed_bpw + other_params * self.other_bpw
+        return int(self.header_bytes * vocab_share + weights / 8)
 
 
 def file_rates(path: Path) -> FileRates:
@@ -106,9 +113,9 @@ class SpeedModel:
     def add(self, point: Point) -> None:
         self.points.append(point)
 
-    def file_bytes(self, quant: str, embed_params: int, other_params: int) -> int | None:
+    def file_bytes(self, quant: str, embed_params: int, other_params: int, vocab_share: float = 1.0) -> int | None:
         rates = self.rates.get(quant)
-        return rates.bytes(embed_params, other_params) if rates else None
+        return rates.bytes(embed_params, other_params, vocab_share) if rates else None
 
     def _line(self, threads: int, quant: str, x, y, prior: float | None) -> Line | None:
         """The line of this type and thread count; else through the origin on every type's points at this thread

@@ -10,10 +10,10 @@ from pistill.front import add_speedups, dominates, front, quality, reference, re
 TASKS = ["arc_easy", "piqa"]
 
 
-def row(key, runtime, kind, tps=None, arc=None, piqa=None, ppl=None, name=None):
+def row(key, runtime, kind, tps=None, arc=None, piqa=None, bpb=None, name=None):
     zs = {t: {"acc_norm": v} for t, v in (("arc_easy", arc), ("piqa", piqa)) if v is not None}
     return {"key": key, "stage": key.split(":")[0], "name": name or key, "runtime": runtime, "kind": kind,
-            "decode_tps": tps, "ppl": ppl, "zeroshot": zs}
+            "decode_tps": tps, "bpb": bpb, "zeroshot": zs}
 
 
 ROWS = [
@@ -63,8 +63,8 @@ def test_quality_and_front():
     assert [p["key"] for p in fr["points"]] == ["teacher", "baseline", "baseline:Q8_0", "prune", "distill", "gguf",
                                                 "onnx"]
     assert fr["front"] == ["teacher", "baseline", "baseline:Q8_0", "gguf", "onnx"]  # prune, distill: dominated
-    by_ppl = front(ROWS, [])
-    assert not by_ppl["higher_is_better"] and "prune" not in by_ppl["front"] and "teacher" in by_ppl["front"]
+    by_bpb = front(ROWS, [])
+    assert not by_bpb["higher_is_better"] and "prune" not in by_bpb["front"] and "teacher" in by_bpb["front"]
 
 
 @pytest.mark.parametrize("a, b, expected", [
@@ -89,10 +89,10 @@ def test_verdict(student, expected):
     assert verdict(ROWS[:3] + [student], TASKS, ["ARC-Easy", "PIQA"]).startswith(expected)
 
 
-def test_verdict_by_perplexity_and_without_a_reference():
-    rows = ROWS[:3] + [row("gguf", "llama_cpp", "Q4_0", 147.0, ppl=25.0)]
-    assert verdict(rows, [], []) == ("the student is 34% faster than the teacher's Q4_0 at higher perplexity "
-                                     "(held-out perplexity 25.000 against 21.000; decode 147.0 against 110.0 tok/s, "
+def test_verdict_by_bits_per_byte_and_without_a_reference():
+    rows = ROWS[:3] + [row("gguf", "llama_cpp", "Q4_0", 147.0, bpb=25.0)]
+    assert verdict(rows, [], []) == ("the student is 34% faster than the teacher's Q4_0 at more bits per byte "
+                                     "(held-out bits per byte 25.000 against 21.000; decode 147.0 against 110.0 tok/s, "
                                      "gguf against teacher GGUF Q4_0)")
     assert verdict([r for r in ROWS if r["stage"] != "baseline"], TASKS, ["A", "P"]) is None  # no teacher Q4_0
     assert verdict(ROWS[:3] + [row("gguf", "llama_cpp", "Q4_0", 147.0, 0.3)], TASKS, ["A", "P"]) is None  # no PIQA

@@ -177,6 +177,56 @@ def test_k_quant_falls_back_on_narrow_rows(f32_gguf, tmp_path, caplog):
     assert "Q4_K" not in gguf_stats(path)["tensor_types"]
 
 
+def _output_types(path):
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors
+            if t.name in ("output.weight", "token_embd.weight")}
+
+
+@pytest.mark.parametrize("quant, output_type", [("Q4_0", "Q8_0"), ("Q4_0", "Q4_0"), ("Q4_0", "IQ4_NL"),
+                                                ("Q8_0", "Q4_0"), ("Q4_0", "F16")])
+def test_output_type_sets_the_tied_embedding(f32_gguf, tmp_path, quant, output_type):
+    path = quantize_gguf(f32_gguf, tmp_path / "q.gguf", quant, threads=1, output_type=output_type)
+    assert _output_types(path) == {"token_embd.weight": output_type}  # tied: the embedding is the output projection
+    assert np.isfinite(_gguf_logits(path, TOKENS)).all()
+
+
+def test_output_type_sets_only_the_output_of_an_untied_model(tiny_model, tmp_path):
+    src = write_gguf(_variant(tiny_model, tmp_path / "untied", tie_word_embeddings=False), tmp_path / "u.gguf", "f32")
+    path = quantize_gguf(src, tmp_path / "q.gguf", "Q4_0", threads=1, output_type="IQ4_NL")
+    assert _output_types(path) == {"output.weight": "IQ4_NL", "token_embd.weight": "Q4_0"}
+
+
+def test_k_quant_output_type_on_narrow_rows_is_refused(f32_gguf, tmp_path):
+    with pytest.raises(ValueError) as err:  # hidden 64: Q6_K needs 256, llama.cpp would fall back to Q8_0
+        quantize_gguf(f32_gguf, tmp_path / "q.gguf", "Q4_0", threads=1, output_type="Q6_K")
+    msg = str(err.value)
+    assert "[gguf] output_type" in msg and "multiple of 256" in msg and "64 wide" in msg and "\n" not in msg
+    assert "Q4_0, IQ4_NL, Q8_0, F16" in msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_refuses_an_output_type_before_writing(tiny_teacher, tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="output_type"):
+        run({"distill": tiny_teacher, "data": tiny_data}, GGUFConfig(output_type="Q6_K", verify=False), tmp_path / "g")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("quants, student_cfg, hidden, expected", [
+    (("student", "Q8_0"), {"quants": ["Q4_0"], "output_type": "Q4_0"}, 64, {"Q4_0": "Q4_0"}),
+    (("student", "Q8_0"), {"quants": ["Q4_0"], "output_type": ""}, 64, {}),
+    (("student", "Q8_0"), {"quants": ["Q4_0"]}, 64, {}),  # a manifest from before the option
+    (("Q8_0",), {"quants": ["Q4_0"], "output_type": "Q4_0"}, 64, {}),  # no file of the student's type
+    (("student",), {"quants": ["Q4_0"], "output_type": "Q6_K"}, 576, {}),  # the teacher's rows do not fit
+    (("student",), {"quants": ["Q4_0"], "output_type": "Q6_K"}, 512, {"Q4_0": "Q6_K"}),
+])
+def test_baseline_takes_the_students_output_type(quants, student_cfg, hidden, expected):
+    from pistill.export.baseline import BaselineConfig, output_types
+
+    assert output_types(BaselineConfig(quants=quants), {"config": student_cfg}, "Q4_0", hidden) == expected
+
+
 def test_unknown_quant_lists_valid_ones(f32_gguf, tmp_path):
     with pytest.raises(ValueError, match="Q4_0, Q4_1, Q8_0"):
         GGUFConfig(quants=("Q3_X",))
@@ -313,15 +363,22 @@ def test_each_known_pre_tokenizer_matches_hf(tiny_model, tmp_path, name):
 
 @pytest.mark.parametrize("bad", [dict(outtype="bf16"), dict(quants=("Q4_0", "Q4_0")), dict(threads=-1),
                                  dict(evaluate="some"), dict(quants=(), keep_unquantized=False),
-                                 dict(gen_tokens=0), dict(num_ctx=0)])
+                                 dict(gen_tokens=0), dict(num_ctx=0), dict(output_type="Q5_K"),
+                                 dict(output_type="q8_0")])
 def test_bad_config_values(bad):
     with pytest.raises(ValueError):
         GGUFConfig(**bad)
 
 
+def test_unknown_output_type_lists_valid_ones():
+    with pytest.raises(ValueError, match="output_type = 'Q5_K' is unknown; use one of Q6_K, Q4_0, IQ4_NL, Q8_0, F16"):
+        GGUFConfig(output_type="Q5_K")
+
+
 @pytest.mark.parametrize("cfg", [GGUFConfig(), GGUFConfig(outtype="f32", quants=["Q8_0", "Q4_K_M"], threads=1),
                                  GGUFConfig(quants=[], evaluate="all"),
-                                 GGUFConfig(verify=False, imatrix=False, gen_tokens=4, num_ctx=512)])
+                                 GGUFConfig(verify=False, imatrix=False, gen_tokens=4, num_ctx=512),
+                                 GGUFConfig(output_type="IQ4_NL")])
 def test_config_round_trips_through_json(cfg):
     assert GGUFConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 

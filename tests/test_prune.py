@@ -238,10 +238,12 @@ def hf_dict(model) -> dict:
     PruneConfig(n_heads=2, kv_heads=1, hidden=32, n_layer=3, kquant_friendly=False, sparsity=0.5),
     PruneConfig(target_params="60M", kquant_friendly=True, nm="2:4", sparsity_method="magnitude"),
     PruneConfig(target_params=70_000, ffn_ratio=1.0, method="random"),
+    PruneConfig(n_layer=20, vocab=16384, vocab_corpus="my.txt", mend="linear", layer_metric="angular"),
+    PruneConfig(vocab=0.25),
 ])
-def test_v2_config_round_trip(cfg):
+def test_v3_config_round_trip(cfg):
     d = config_dict(cfg)
-    assert d.pop("version") == PruneConfig.VERSION == 2
+    assert d.pop("version") == PruneConfig.VERSION == 3
     assert PruneConfig(**json.loads(json.dumps(d))) == cfg
 
 

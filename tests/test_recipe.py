@@ -37,6 +37,9 @@ def test_defaults_round_trip():
     ({"teacher": {"source": "/no/such/model.gguf"}}, r"teacher GGUF file /no/such/model.gguf does not exist"),
     ({"data": {"corpus": "/no/such.txt"}}, r"\[data\] corpus file /no/such.txt does not exist"),
     ({"teacher": "x"}, r"\[teacher\] must be a table"),
+    ({"prune": {"vocab": 8192}, "bench": {"speculative": True}},
+     r"\[bench\] speculative = true drafts with the student, whose vocabulary \[prune\] vocab = 8192 trims"),
+    ({"prune": {"vocab": 1.5}}, r"\[prune\] vocab"),
 ])
 def test_errors_name_the_key(doc, match):
     with pytest.raises(RecipeError, match=match):

@@ -306,6 +306,8 @@ ALWAYS_BAD = {"nan": "nan", "inf": "inf", "-inf": "-inf", "huge int": "100000000
 EMPTY = {"empty string": '""', "empty list": "[]"}
 VALID_EMPTY = {  # (stage, field, value): an empty value that means something; the test checks they load
     ("prune", "nm", '""'),  # no N:M sparsity
+    ("prune", "vocab_corpus", '""'),  # the data stage's training blocks choose the kept tokens
+    ("gguf", "output_type", '""'),  # llama.cpp's choice for the output projection
     ("distill", "student", '""'),  # the prune stage's model
     ("gguf", "quants", "[]"),  # only the unquantized file
     ("bench", "targets", "[]"), ("bench", "inventory", '""'), ("bench", "thread_sweep", "[]"),

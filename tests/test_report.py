@@ -39,17 +39,17 @@ class FakeGGUFConfig:
 
 QUALITY = {
     "teacher": {"params": 1_500_000, "bytes": 6_000_000},
-    "prune": {"params": 1_000_000, "bytes": 4_000_000, "ppl": 30.5, "agreement": 0.8, "kl": 0.25},
-    "quantize": {"params": 1_000_000, "bytes": 1_000_000, "ppl": 31.0, "agreement": 0.75, "kl": 0.3},
-    "distill": {"params": 1_000_000, "bytes": 4_000_000, "ppl": 28.0, "agreement": 0.85, "kl": 0.2},
-    "gguf": {"params": 1_000_000, "bytes": 800_000, "ppl": 28.4, "agreement": 0.84, "kl": 0.21},
+    "prune": {"params": 1_000_000, "bytes": 4_000_000, "bpb": 1.305, "ppl": 30.5, "agreement": 0.8, "kl": 0.25},
+    "quantize": {"params": 1_000_000, "bytes": 1_000_000, "bpb": 1.31, "ppl": 31.0, "agreement": 0.75, "kl": 0.3},
+    "distill": {"params": 1_000_000, "bytes": 4_000_000, "bpb": 1.28, "ppl": 28.0, "agreement": 0.85, "kl": 0.2},
+    "gguf": {"params": 1_000_000, "bytes": 800_000, "bpb": 1.284, "ppl": 28.4, "agreement": 0.84, "kl": 0.21},
     "onnx": {"params": 1_000_000, "bytes": 900_000},  # no quality figures: "–"
 }
 BASELINE = [  # the baseline artifact's `models`: the teacher at the student's type, and at Q8_0
     {"key": "baseline", "format": "gguf", "file": "teacher-Q4_K_M.gguf", "quant": "Q4_K_M",
-     "metrics": {"params": 1_500_000, "bytes": 1_200_000, "ppl": 26.0, "agreement": 0.9, "kl": 0.1}},
+     "metrics": {"params": 1_500_000, "bytes": 1_200_000, "bpb": 1.26, "ppl": 26.0, "agreement": 0.9, "kl": 0.1}},
     {"key": "baseline:Q8_0", "format": "gguf", "file": "teacher-Q8_0.gguf", "quant": "Q8_0",
-     "metrics": {"params": 1_500_000, "bytes": 2_000_000, "ppl": 25.2, "agreement": 0.97, "kl": 0.02}},
+     "metrics": {"params": 1_500_000, "bytes": 2_000_000, "bpb": 1.252, "ppl": 25.2, "agreement": 0.97, "kl": 0.02}},
 ]
 SPEEDS = {
     "teacher": {"prefill_tps": 100.0, "decode_tps": 20.0, "ttft_s": 0.25, "peak_rss_mb": 300.0, "load_s": 1.0},
@@ -91,7 +91,7 @@ def pipeline(tmp_path_factory):
     """Fake-but-real artifacts teacher ... bench, without any model weights."""
     root = tmp_path_factory.mktemp("runs")
     teacher = write_artifact(root, "teacher", [], QUALITY["teacher"], model={"format": "hf", "file": "."})
-    data = write_artifact(root, "data", [teacher], {"teacher_ppl": 25.0, "n_tokens": 1000})
+    data = write_artifact(root, "data", [teacher], {"teacher_ppl": 25.0, "teacher_bpb": 1.25, "n_tokens": 1000})
     arts = [teacher, data]
     for stage, fmt in (("prune", "hf"), ("quantize", "hf"), ("distill", "hf"), ("gguf", "gguf"),
                        ("onnx", "onnx")):
@@ -118,7 +118,9 @@ def test_cell(value, expected):
 
 
 def test_teacher_ppl_prefers_teacher_then_data():
-    assert teacher_metrics({"ppl": 9.0}, {"teacher_ppl": 25.0}) == {"ppl": 9.0, "agreement": 1.0, "kl": 0.0}
+    assert teacher_metrics({"ppl": 9.0}, {"teacher_ppl": 25.0}) == {"ppl": 9.0, "bpb": None, "agreement": 1.0,
+                                                                    "kl": 0.0}
+    assert teacher_metrics({}, {"teacher_bpb": 1.1})["bpb"] == 1.1
     assert teacher_metrics({"agreement": 0.99}, {})["agreement"] == 0.99  # a measured figure wins
     assert teacher_metrics({}, {"teacher_ppl": 25.0})["ppl"] == 25.0
     assert teacher_metrics({}, {"ppl": 24.0})["ppl"] == 24.0
@@ -134,8 +136,8 @@ def test_build_rows_order_values_and_missing():
     assert rows[2]["ppl"] is None and rows[2]["decode_tps"] is None
     table = markdown_table(text_table(rows)).splitlines()
     assert len(table) == 2 + 3
-    assert table[2].startswith("| teacher | 1.5M | 6.0 | – | – | – | 100.0 | 20.0 | – | 250 | 300 |")
-    assert table[4] == "| onnx | 1.0M | 0.9 | – | – | – | – | – | – | – | – |"  # params and size only
+    assert table[2].startswith("| teacher | 1.5M | 6.0 | – | – | – | – | 100.0 | 20.0 | – | 250 | 300 |")
+    assert table[4] == "| onnx | 1.0M | 0.9 | – | – | – | – | – | – | – | – | – |"  # params and size only
 
 
 def test_failed_bench_shows_missing_speeds():
@@ -167,23 +169,23 @@ def test_report_md_and_json(pipeline, tmp_path):
     assert report["stages"][0]["environment"]["python"] and "| teacher | 0.0 s | cpu |" in md
     assert "python" in report["versions"]
     assert report["bench"]["host"]["hostname"] == "pi5" and "prune" in report["bench"]["errors"]
-    assert ("| model | params | size (MB) | ppl | agree (%) | KL | ARC-Easy acc_norm | PIQA acc_norm | "
+    assert ("| model | params | size (MB) | bits/byte | ppl | agree (%) | KL | ARC-Easy acc_norm | PIQA acc_norm | "
             "prefill tok/s | decode tok/s | × teacher | TTFT (ms) | peak RSS (MB) |") in md
-    assert ("| teacher | 1.5M | 6.0 | 25.00 | 100.0 | 0.000 | 0.600 ± 0.022 | 0.660 ± 0.021 | 100.0 | 20.0 "
+    assert ("| teacher | 1.5M | 6.0 | 1.250 | 25.00 | 100.0 | 0.000 | 0.600 ± 0.022 | 0.660 ± 0.021 | 100.0 | 20.0 "
             "| – |") in md
-    assert ("| student GGUF Q4_K_M | 1.0M | 0.8 | 28.40 | 84.0 | 0.210 | 0.400 ± 0.022 | 0.600 ± 0.021 | 400.0 "
+    assert ("| student GGUF Q4_K_M | 1.0M | 0.8 | 1.284 | 28.40 | 84.0 | 0.210 | 0.400 ± 0.022 | 0.600 ± 0.021 | 400.0 "
             "| 80.0 | 1.33 | 50 | 50 |") in md  # against the teacher's Q4_K_M file, not the torch teacher
-    assert ("| teacher GGUF Q8_0 | 1.5M | 2.0 | 25.20 | 97.0 | 0.020 | 0.500 ± 0.022 | 0.660 ± 0.021 "
+    assert ("| teacher GGUF Q8_0 | 1.5M | 2.0 | 1.252 | 25.20 | 97.0 | 0.020 | 0.500 ± 0.022 | 0.660 ± 0.021 "
             "| 250.0 |") in md
-    assert ("| student | 1.0M | 4.0 | 28.00 | 85.0 | 0.200 | 0.380 ± 0.022 | 0.550 ± 0.021 | 90.0 | 15.0 "
+    assert ("| student | 1.0M | 4.0 | 1.280 | 28.00 | 85.0 | 0.200 | 0.380 ± 0.022 | 0.550 ± 0.021 | 90.0 | 15.0 "
             "| 0.75 |") in md
-    assert "| student ONNX int4 | 1.0M | 0.9 | – | – | – | – | – | – | – | – | – | – |" in md  # no ONNX teacher
+    assert "| student ONNX int4 | 1.0M | 0.9 | – | – | – | – | – | – | – | – | – | – | – |" in md  # no ONNX teacher
     rows = {r["key"]: r for r in report["rows"]}
     assert rows["gguf"]["speedup_vs"] == "teacher GGUF Q4_K_M" and rows["distill"]["speedup_vs"] == "teacher"
     assert rows["gguf"]["zeroshot"]["arc_easy"] == EVAL["models"]["gguf"]["tasks"]["arc_easy"]
     assert rows["quantize"]["eval_note"].startswith("bitsandbytes") and rows["onnx"]["eval_note"].endswith("broken")
     assert report["tasks"]["piqa"]["chance"] == 0.5
-    assert [c["key"] for c in report["columns"]][4:7] == ["kl", "zeroshot.arc_easy.acc_norm",
+    assert [c["key"] for c in report["columns"]][5:8] == ["kl", "zeroshot.arc_easy.acc_norm",
                                                          "zeroshot.piqa.acc_norm"]
     sentence = ("the student is 33% faster than the teacher's Q4_K_M at 5.0 points lower accuracy, keeping 71% of "
                 "its accuracy above chance (mean acc_norm over ARC-Easy and PIQA 0.500 against 0.550; decode 80.0 "
@@ -206,7 +208,7 @@ def test_report_without_bench_or_data(pipeline, tmp_path):
     art = run(named(partial), ReportConfig(formats=["md"]), tmp_path / "report")
     assert not art.file("report.json").exists()
     md = art.file("report.md").read_text()
-    assert "| teacher | 1.5M | 6.0 | – | 100.0 | 0.000 | – | – | – | – | – |" in md and "ONNX" not in md
+    assert "| teacher | 1.5M | 6.0 | – | – | 100.0 | 0.000 | – | – | – | – | – |" in md and "ONNX" not in md
     assert "No student GGUF and teacher GGUF of the same type" in md and "## Zero-shot accuracy" not in md
 
 
@@ -267,7 +269,7 @@ def test_speculative_row(pipeline, tmp_path):
     row = report["rows"][-1]
     assert row["key"] == "speculative" and row["speculative"] == SPECULATIVE["speculative"]
     assert row["speedup"] == 1.5 and row["speedup_vs"] == row["quality_from"] == "teacher GGUF Q4_K_M"
-    assert ("| teacher GGUF Q4_K_M + student draft (speculative) | – | 2.0 | 26.00 | 90.0 | 0.100 | 0.450 ± 0.022 | "
+    assert ("| teacher GGUF Q4_K_M + student draft (speculative) | – | 2.0 | 1.260 | 26.00 | 90.0 | 0.100 | 0.450 ± 0.022 | "
             "0.650 ± 0.021 | 280.0 | 90.0 | 1.50 | 90 | 110 |") in md
     assert ("\n\n- teacher GGUF Q4_K_M + student draft (speculative): the teacher file decodes greedily, the student "
             "GGUF proposing its tokens; 0.60 of the drafted tokens accepted (alpha 0.70), mean accepted length 2.40 "
@@ -288,4 +290,4 @@ def test_speculative_row_error(pipeline, tmp_path):
     assert row["bench_error"] == error and row["decode_tps"] is None and row["speculative"] is None
     md = art.file("report.md").read_text()
     assert f"- **speculative failed**: {error}" in md and "drafted tokens accepted" not in md
-    assert "| teacher GGUF Q4_K_M + student draft (speculative) | – | – | 26.00 |" in md
+    assert "| teacher GGUF Q4_K_M + student draft (speculative) | – | – | 1.260 | 26.00 |" in md

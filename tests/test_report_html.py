@@ -121,7 +121,7 @@ def test_history_across_reruns_and_sibling_runs(pipeline, tmp_path):  # noqa: F8
     assert [h["run"] for h in hist].count("a") == 2 and [h["run"] for h in hist].count("b") == 1
     assert hist == sorted(hist, key=lambda h: h["created"])
     assert hist[-1]["rows"][6] == {"key": "gguf", "stage": "gguf", "name": "student GGUF Q4_K_M", "bytes": 800_000,
-                                   "ppl": 28.4, "decode_tps": 80.0, "prefill_tps": 400.0}
+                                   "bpb": 1.284, "ppl": 28.4, "decode_tps": 80.0, "prefill_tps": 400.0}
     off = run(named(pipeline), ReportConfig(formats=["json"], history=False), runs / "c" / "report")
     assert json.loads(off.file("report.json").read_text())["history"] == []
 

@@ -20,7 +20,7 @@ from sshd import sshd_factory  # noqa: F401 (fixture)
 from pistill import recipe
 from pistill.search import (SearchConfig, constraints, measured, miss, params_key, resolve_space,
                             trial_configs)
-from pistill.speedmodel import Point, SpeedModel, fit, relative_error
+from pistill.speedmodel import FileRates, Point, SpeedModel, fit, relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = """
@@ -122,6 +122,9 @@ def test_budget_checks_and_constraints():
     ({"objective": "speed"}, "objective = 'speed' is unknown"),
     ({"objective": "accuracy", "eval_items": 0}, "needs zero-shot items"),
     ({"min_decode_tok_s": -1}, "min_decode_tok_s = -1 must be 0 or more"),
+    ({"vocab": [9000, 8000]}, "vocab = [9000, 8000] must be [fewest, most]"),
+    ({"vocab": [8192]}, "vocab = [8192] must be [fewest, most]"),
+    ({"mend": ["none", "none"]}, "mend = ['none', 'none'] repeats a choice"),
 ])
 def test_config_errors_name_the_key(kwargs, words):
     with pytest.raises(ValueError) as e:
@@ -164,6 +167,100 @@ def test_trial_configs_change_only_the_searched_options():
     q4 = trial_configs(rec, {**params, "quant": "Q4_0"}, rec.search, rec.configs["bench"])
     assert q4["distill"].qat == "q4_0"
     assert params_key(params) == params_key(dict(reversed(params.items()))) != params_key({**params, "threads": 2})
+
+
+SMOLLM2 = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "model_type": "llama"}
+
+
+def test_vocab_and_mend_axes_reach_the_trials_prune_table():
+    """[search] vocab and mend: sampled in the space, passed to the trial's [prune] and written in its recipe."""
+    import tomllib
+
+    from optuna.trial import FixedTrial
+
+    from pistill.search import describe_params
+
+    cfg = SearchConfig(vocab=[8192, 49152], mend=["none", "linear"])
+    space = resolve_space(cfg, SMOLLM2, bench_threads=2)
+    assert space.vocab == (8192, 49152) and space.mend == ("none", "linear")
+    params = space.suggest(FixedTrial({"n_layer": 20, "ffn_ratio": 0.75, "quant": "Q4_0", "threads": 2,
+                                       "vocab": 12000, "mend": "linear"}))
+    assert params["vocab"] == 12000 and params["mend"] == "linear" and space.contains(params)
+    assert not space.contains({**params, "vocab": 4096}) and not space.contains({**params, "mend": "cubic"})
+    assert "12000 tokens, mend linear" in describe_params(params)
+    rec = recipe.load(ROOT / "recipes" / "default.toml")
+    cfgs = trial_configs(rec, params, cfg, rec.configs["bench"])
+    doc = tomllib.loads(recipe.dumps(recipe.Recipe("trial", "runs/trial", cfgs)))
+    assert (doc["prune"]["vocab"], doc["prune"]["mend"], doc["prune"]["n_layer"]) == (12000, "linear", 20)
+    plain = trial_configs(rec, {k: params[k] for k in ("n_layer", "ffn_ratio", "quant", "threads")}, cfg,
+                          rec.configs["bench"])
+    assert (plain["prune"].vocab, plain["prune"].mend) == (rec.configs["prune"].vocab, rec.configs["prune"].mend)
+    with pytest.raises(Exception, match="goes past the teacher's 49152 tokens"):
+        resolve_space(SearchConfig(vocab=[8192, 65536]), SMOLLM2, 2)
+
+
+def test_searched_prune_values_are_checked_before_any_trial():
+    from pistill.compress.prune import PruneConfig
+    from pistill.errors import UsageError
+    from pistill.search import check_prune_axes
+
+    space = resolve_space(SearchConfig(mend=["none", "cubic"]), SMOLLM2, 2)
+    with pytest.raises(UsageError, match=r"\[search\] mend = \['none', 'cubic'\]: \[prune\] refuses 'cubic'"):
+        check_prune_axes(PruneConfig(), space)
+
+    @dataclasses.dataclass(frozen=True)
+    class OldPrune:  # a [prune] from before the option
+        n_layer: int | None = None
+
+    with pytest.raises(UsageError, match="has no 'vocab' option"):
+        check_prune_axes(OldPrune(), resolve_space(SearchConfig(vocab=[8192, 16384]), SMOLLM2, 2))
+    check_prune_axes(PruneConfig(), resolve_space(SearchConfig(vocab=[8192, 16384], mend=["none"]), SMOLLM2, 2))
+
+
+@pytest.mark.parametrize("vocab, rows", [(None, 49152), (8192, 8192), (0.25, 12288)])
+def test_predicted_bytes_scale_with_the_vocabulary_kept(vocab, rows):
+    """The tied embedding is one matrix of `rows` rows, read for every token: it and the tokenizer in the header
+    shrink with [prune] vocab, the other weights do not."""
+    from pistill.compress.prune import PruneConfig
+    from pistill.search import predict, shape_sizes
+
+    full = shape_sizes(SMOLLM2, PruneConfig(n_layer=20, ffn_ratio=0.75))
+    sizes = shape_sizes(SMOLLM2, PruneConfig(n_layer=20, ffn_ratio=0.75, vocab=vocab))
+    assert sizes["embed_params"] == rows * 576 and sizes["other_params"] == full["other_params"]
+    assert sizes["params"] == full["params"] - (49152 - rows) * 576 and sizes["vocab_share"] == rows / 49152
+    assert sizes["matmul_params"] == sizes["params"]  # tied: the output projection is multiplied per token
+    model = SpeedModel(rates={"Q4_0": FileRates(embed_bpw=8.5, other_bpw=4.5, header_bytes=1_000_000)},
+                       bandwidth_gbs=10.0)
+    got, base = (predict(model, s, {"quant": "Q4_0", "threads": 2}) for s in (sizes, full))
+    assert base["bytes"] - got["bytes"] == pytest.approx((49152 - rows) * 576 * 8.5 / 8 + 1e6 * (1 - rows / 49152),
+                                                         abs=2)
+    assert got["decode_tps"] >= base["decode_tps"]
+
+
+def test_disk_estimate_and_check(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    from pistill.errors import OutputError
+    from pistill.search import DISK_PER_TRIAL, check_disk, trial_disk_bytes
+
+    def trial(state, **attrs):
+        return SimpleNamespace(state=SimpleNamespace(name=state), user_attrs=attrs)
+
+    (tmp_path / "trials" / "old").mkdir(parents=True)
+    (tmp_path / "trials" / "old" / "model.bin").write_bytes(b"x" * 5000)
+    assert trial_disk_bytes(SimpleNamespace(trials=[trial("FAIL", folder="x")]), tmp_path) == DISK_PER_TRIAL
+    study = SimpleNamespace(trials=[trial("COMPLETE", folder="a", disk_bytes=3000), trial("PRUNED", disk_bytes=10**9),
+                                    trial("COMPLETE", folder="old")])  # from before disk_bytes: its folder
+    assert trial_disk_bytes(study, tmp_path) == 5000
+    check_disk(tmp_path, 5000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9 - 4_000_000,
+                                                                         free=4_000_000))
+    with pytest.raises(OutputError) as err:
+        check_disk(tmp_path, 1_200_000_000)
+    msg = str(err.value)
+    assert f"{tmp_path} has 4 MB free, but a trial needs about 1200 MB" in msg and "--out" in msg and "\n" not in msg
 
 
 def test_quantize_of_the_original_teacher_ignores_the_pruning(tiny_teacher, tiny_data, tmp_path):
@@ -245,6 +342,74 @@ def test_search_measures_trials_and_writes_the_chosen_recipe(searched):
     html = (out / "search.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and f"Chosen: trial #{chosen['number']}" in html
     assert "| teacher Q4_0 |" in md.read_text()
+
+
+def test_measured_trials_keep_only_manifests_and_the_exported_file(searched):
+    from pistill.artifact import dir_bytes
+
+    tmp, _, _ = searched
+    out = tmp / "s"
+    done = [t for t in json.loads((out / "search.json").read_text())["trials"] if t["state"] == "complete"]
+    for t in done:
+        folder = out / "trials" / t["folder"]
+        for stage in ("prune", "distill"):
+            assert [p.name for p in (folder / stage).iterdir()] == ["manifest.json"]
+        assert [p.name for p in (folder / "gguf").glob("*.gguf")] == [f"model-{t['params']['quant']}.gguf"]
+        assert (folder / "bench" / "bench.json").is_file() and (folder / "eval" / "manifest.json").is_file()
+        assert t["disk_bytes"] > dir_bytes(folder) > 0  # measured before the clean-up
+
+
+def test_short_disk_stops_the_search_before_a_trial(searched, monkeypatch, caplog):
+    """Too little free space for another trial: one line naming the folder and the fix; the measured trials stay."""
+    import shutil
+    from types import SimpleNamespace
+
+    from pistill.errors import OutputError
+    from pistill.search import run_search
+
+    tmp, path, _ = searched
+    out = tmp / "s"
+    before = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/*/manifest.json")}
+    rec = recipe.load(path)
+    bench = dataclasses.replace(rec.configs["bench"], target="local", targets=[], inventory="")  # as --target local
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=1000))
+    with caplog.at_level("INFO", logger="pistill.search"), pytest.raises(OutputError) as err:
+        run_search(rec, dataclasses.replace(rec.search, trials=4, min_decode_tok_s=5.0), out, bench)
+    assert f"{out} has 0 MB free" in str(err.value) and "--out on another disk" in str(err.value)
+    assert "3 of 4 trials already measured" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/*/manifest.json")} == before
+
+
+def test_cleaned_trials_are_reused_and_rebuilt_only_when_a_later_stage_needs_them(searched, tmp_path):
+    """A new study over the same folder (study.db gone) reuses a cleaned trial from its manifests; after a [gguf]
+    change the trial's export runs again, and its removed distilled and pruned models are built again first
+    (kept this time: keep_trials)."""
+    import shutil
+
+    src, path, _ = searched
+    out = tmp_path / "s"
+    shutil.copytree(src / "s", out)
+    (out / "study.db").unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/*/manifest.json")}
+    args = ("search", str(path), "--target", "local", "--min-decode-tok-s", "5", "--trials", "1", "--out", str(out))
+    p = pistill(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "again (removed" not in p.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/*/manifest.json")} == before
+    (first,) = [t for t in json.loads((out / "search.json").read_text())["trials"] if t["state"] == "complete"]
+    folder = out / "trials" / first["folder"]
+    old_prune = json.loads((folder / "prune" / "manifest.json").read_text())["id"]
+    changed = tmp_path / "changed.toml"
+    changed.write_text(path.read_text().replace("verify = false", "verify = false\nimatrix = false")
+                       .replace("[search]", "[search]\nkeep_trials = true"))
+    p = pistill(args[0], str(changed), *args[2:])
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = " ".join(p.stderr.split())
+    assert "building distill of" in log and "building prune of" in log
+    assert json.loads((folder / "prune" / "manifest.json").read_text())["id"] != old_prune
+    assert (folder / "distill" / "model.safetensors").is_file() and (folder / "gguf" / "model-f16.gguf").is_file()
+    doc = json.loads((out / "search.json").read_text())
+    assert [t["folder"] for t in doc["trials"] if t["state"] == "complete"] == [first["folder"]]
 
 
 def test_rerun_reuses_every_trial(searched):
