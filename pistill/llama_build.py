@@ -130,7 +130,9 @@ def build_wheel(python: str, version: str, env: dict[str, str], key: str) -> Pat
         cmd = [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python",
                f"llama-cpp-python=={version}", "-w", str(tmp)]
         print(f"llama_build: building llama-cpp-python {version} ({_flags(env)}); takes minutes", file=sys.stderr)
-        subprocess.run(cmd, check=True, env={**os.environ, **env, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())})
+        # the build log goes to stderr (fd 2): stdout is a command's output (`pistill run` prints the report path)
+        subprocess.run(cmd, check=True, stdout=2,
+                       env={**os.environ, **env, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())})
         os.replace(tmp, dest)  # only a finished build lands in the cache
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,8 +154,8 @@ def install(python: str, force: bool = False, version: str = LLAMA_CPP_VERSION) 
     print(f"llama_build: installing: {why}", file=sys.stderr)
     wheel = build_wheel(python, version, env, key)
     pip = [python, "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "--force-reinstall", "--no-deps", str(wheel)], check=True)
-    subprocess.run([*pip, str(wheel)], check=True)  # its dependencies, where missing
+    subprocess.run([*pip, "--force-reinstall", "--no-deps", str(wheel)], check=True, stdout=2)
+    subprocess.run([*pip, str(wheel)], check=True, stdout=2)  # its dependencies, where missing
     facts = python_facts(python)
     if has_amx(facts["system_info"]):
         raise LlamaBuildError(f"{wheel.name} still reports AMX kernels; delete {wheel.parent} and rerun")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -100,3 +101,18 @@ def test_child_exit_code_and_timeout_are_named():
     assert not bad.ok and bad.detail == "the probe exited with code 3: boom"
     slow = lb.run_child([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.5)
     assert not slow.ok and "did not finish" in slow.detail
+
+
+def test_a_build_writes_its_log_to_stderr_never_stdout(tmp_path):
+    """`pistill run` prints only the report's path on stdout (scripts read it): a first build of llama.cpp, whose
+    pip log is hundreds of lines, must not reach it. A stand-in interpreter logs to stdout and drops a wheel."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "pip: compiling ggml"\nwhile [ "$1" != "-w" ]; do shift; done\n'
+                    'touch "$2/llama_cpp_python-0.0.1-cp311-cp311-linux_x86_64.whl"\n')
+    fake.chmod(0o755)
+    code = ("import sys; from pistill import llama_build as lb; "
+            "print(lb.build_wheel(sys.argv[1], '0.0.1', {}, 'k').name, file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code, str(fake)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PISTILL_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "" and "pip: compiling ggml" in p.stderr and p.stderr.strip().endswith(".whl")
