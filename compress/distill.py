@@ -18,8 +18,8 @@ from typing import ClassVar
 import numpy as np
 
 from pistill.artifact import Artifact, ArtifactWriter, config_dict, input_key
-from pistill.errors import InputError, UserError
-from pistill.rundir import clean_stale, make_dir
+from pistill.errors import InputError, OutputError, UserError
+from pistill.rundir import atomic_write, check_free, clean_stale, make_dir, open_own
 
 from .kept_teacher import check_tokenizers
 from .losses import SOFT_LOSSES, distill_loss
@@ -190,11 +190,24 @@ def save_checkpoint(path: Path, student, opt, sched, step: int, key: str) -> Non
              "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)  # created anew below: never written through a link planted under its name
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old file or the new one
     os.replace(tmp, path)
+
+
+def check_checkpoint_space(path: Path | None, student, cfg: DistillConfig) -> None:
+    """OutputError before the first step when the checkpoint's disk lacks room for a checkpoint and the student:
+    the trainable weights and AdamW's two moments of the same size (3x their bytes; a new checkpoint is written
+    beside the old one, then renamed over it), plus every parameter at float32 (the saved student, at most)."""
+    if path is None or not cfg.ckpt_every:
+        return
+    params = list(student.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    check_free(path.parent, 3 * trainable + 4 * sum(p.numel() for p in params),
+               "distillation (a checkpoint, then the student)")
 
 
 def read_checkpoint(path: Path) -> dict | None:
@@ -266,14 +279,12 @@ class TrainLog:
         if path is not None and path.is_file():
             self.rows = [r for r in read_log(path) if r["step"] <= resume_step]
         if path is not None:  # atomically: a kill leaves the old log or the new one
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            os.replace(tmp, path)
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
         if self.path is not None:  # one write(2) of the whole line: a killed process writes all of it or none
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # never through a planted link
             try:
                 os.write(fd, (json.dumps(row) + "\n").encode())
             finally:
@@ -503,9 +514,21 @@ def _progress(show: bool = True):
                                TimeRemainingColumn)
 
     return Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                    TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[tps]}"),  # `bar_fields`
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=Console(stderr=True), disable=not show)  # stdout is for a command's output
+
+
+def bar_fields(rows: list[dict]) -> dict[str, str]:
+    """The progress bar's loss and tokens/s: the last logged training step's (a resumed run shows where it stopped),
+    or blank before any step; never nan."""
+    last = next((r for r in reversed(rows) if "loss" in r), {})
+    loss, tps = last.get("loss"), last.get("tokens_per_s")
+    return {"loss": f"loss {loss:.4f}" if _finite(loss) else "", "tps": f"{tps:.0f} tok/s" if _finite(tps) else ""}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def qat_switch(student, cfg: DistillConfig, step: int) -> None:
@@ -547,6 +570,7 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
     key = key or json.dumps(config_dict(cfg), sort_keys=True)
     opt, sched = make_optimizer(student, cfg)
     ckpt, start, tlog = _resume(work_dir, student, opt, sched, key, main)
+    check_checkpoint_space(ckpt, student, cfg)
     recompute = grad_checkpointing(cfg, next(student.parameters()).device)
     if recompute:  # transformers' per-layer checkpointing, non-reentrant (works with DDP and no_sync)
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -558,7 +582,7 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
     student.train()
     qat_switch(student, cfg, start)
     with _progress(show=main) as bar:
-        task = bar.add_task("distill", total=cfg.steps, completed=start, loss=float("nan"), tps=0.0)
+        task = bar.add_task("distill", total=cfg.steps, completed=start, **bar_fields(tlog.rows))
         for step in range(start, cfg.steps):
             qat_switch(student, cfg, step)
             t0, lr = time.perf_counter(), sched.get_last_lr()[0]  # the lr this step uses
@@ -566,7 +590,7 @@ def train(student, teacher, blocks: np.ndarray, heldout: np.ndarray, cfg: Distil
                    "lr": lr, "tokens": tokens, "step_s": time.perf_counter() - t0}
             check_finite(row, cfg, ckpt)
             tlog.add(row | {"tokens_per_s": tokens / row["step_s"]})
-            bar.update(task, advance=1, loss=row["loss"], tps=tokens / row["step_s"])
+            bar.update(task, advance=1, **bar_fields(tlog.rows))
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # every rank: see the top-k cache
                 tlog.add({"step": step + 1, "eval_loss": evaluate_loss(student, teacher, heldout, cfg)})
             if ckpt is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
@@ -609,8 +633,13 @@ def check_inputs(t_dir: Path, s_dir: Path, data: Artifact) -> tuple[np.ndarray, 
 
 
 def checkpoint_dir(out: Path) -> Path:
-    """Where checkpoints live: beside the artifact, outside its temporary folder, so a killed run resumes."""
-    return out.parent / f".{out.name}.ckpt"
+    """Where checkpoints live: beside the artifact, outside its temporary folder, so a killed run resumes. A link
+    there (planted in a shared run folder) is refused: checkpoints would be written wherever it points."""
+    path = out.parent / f".{out.name}.ckpt"
+    if path.is_symlink():
+        raise OutputError(f"{path} is a symbolic link; pistill keeps its checkpoints there itself: remove the link "
+                          "and rerun")
+    return path
 
 
 def distil(teacher, s_dir: Path, device: str, blocks: np.ndarray, heldout: np.ndarray, cfg: DistillConfig,

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
 from pistill.errors import InputError
+from pistill.rundir import check_free
 
 from .importance import angular_block, get_scorer
 from .mend import mend_linear
@@ -237,6 +238,8 @@ def run(inputs: Mapping[str, Artifact], cfg: PruneConfig, out: Path) -> Artifact
         log.info("prune: %s importance, %s -> %s, params %d -> %d", cfg.method, t, shape, before, count_params(model))
         vmap = trim_folder(model, folder, w.dir, counts, n_vocab) if n_vocab else None  # tokenizer files into w.dir
         model.to(getattr(torch, hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"))
+        # safetensors: the pruned parameters at the teacher's dtype width (a tied embedding counted once)
+        check_free(out, count_params(model) * model.dtype.itemsize, "the pruned model")
         save_model(model, folder, w.dir)
         w.model = {"format": "hf", "file": "."}
         w.metrics.update(params=count_params(model), bytes=weight_bytes(w.dir), ffn_dim=shape.ffn_dim,

@@ -25,21 +25,58 @@ def _corpus_texts(path: Path) -> list[str]:
     text = Path(path).read_text(encoding="utf-8")
     if Path(path).suffix != ".jsonl":
         return [text]
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [r["text"] if isinstance(r.get("text"), str) else next(v for v in r.values() if isinstance(v, str))
-            for r in rows]
+    return [_row_text(json.loads(line)) for line in text.split("\n") if line.strip()]
+
+
+def _row_text(row) -> str:
+    """A JSONL row's "text", else its first string value; ValueError when it has neither."""
+    if not isinstance(row, dict):
+        raise ValueError(f"is a JSON {type(row).__name__}, not an object")
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    text = next((v for v in row.values() if isinstance(v, str)), None)
+    if text is None:
+        raise ValueError('holds no string (a "text" field, or any string field)')
+    return text
+
+
+def check_corpus(path: Path) -> None:
+    """Read `[prune] vocab_corpus` once, streamed, as the prune stage will: UTF-8 throughout, each .jsonl line an
+    object holding a string, some text in all; InputError naming the file and the line (before any model loads)."""
+    where, text = f"[prune] vocab_corpus {path}", False
+    try:
+        if not Path(path).is_file():  # a folder, or a FIFO that would block the read
+            raise InputError(f"{where} {'is not a file' if Path(path).exists() else 'does not exist'}; fix "
+                             "[prune] vocab_corpus")
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):  # split at b"\n" only: a JSON string may hold U+2028
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{where} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                     f"{e.start + 1}); save it as UTF-8") from None
+                if Path(path).suffix == ".jsonl" and line.strip():
+                    try:
+                        line = _row_text(json.loads(line))
+                    except ValueError as e:  # json.JSONDecodeError too
+                        raise InputError(f"{where} line {n} {_why(e)}; fix or remove the line") from None
+                text = text or bool(line.strip())
+    except OSError as e:
+        raise InputError(f"{where} cannot be read ({type(e).__name__}: {e.strerror}); make it a file you may "
+                         "read, or set vocab_corpus = \"\"") from None
+    if not text:
+        raise InputError(f"{where} holds no text; fill it, or set vocab_corpus = \"\" to count the data stage's "
+                         "training blocks")
+
+
+def _why(e: ValueError) -> str:
+    return f"is not valid JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
 
 
 def corpus_counts(tokenizer, path: Path, vocab_size: int) -> np.ndarray:
     """(vocab_size,) token counts of a user's .txt / .jsonl file encoded with the teacher's HF `tokenizer`."""
-    try:
-        texts = [t for t in _corpus_texts(path) if t.strip()]
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, StopIteration) as e:
-        raise InputError(f"[prune] vocab_corpus {path} cannot be read ({type(e).__name__}); make it a UTF-8 .txt file "
-                         "or a .jsonl file with a \"text\" string on every line") from None
-    if not texts:
-        raise InputError(f"[prune] vocab_corpus {path} holds no text; fill it, or set vocab_corpus = \"\" to count "
-                         "the data stage's training blocks")
+    check_corpus(path)
+    texts = [t for t in _corpus_texts(path) if t.strip()]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return token_counts(np.concatenate([np.asarray(i, dtype=np.int64) for i in ids]), vocab_size)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
+from pistill.errors import UsageError
 
 from . import fleet
 from .local import BenchInterrupted, bench_here, bench_keys, interrupted_lines
@@ -77,9 +78,18 @@ class BenchConfig:
             raise ValueError("remote_cache is empty; use a folder on the devices, e.g. \"~/.cache/pistill\"")
 
     def _check_targets(self):
-        for spec in [self.target, *self.targets]:
-            if spec != LOCAL:
+        for key, spec in [("target", self.target), *((f"targets[{i}]", t) for i, t in enumerate(self.targets))]:
+            if isinstance(spec, str) and not spec.replace(",", "").strip():  # "", " ", ","
+                raise UsageError(f"{key} = {json.dumps(spec)} names no device; write \"local\", \"user@host\" or a "
+                                 "Host alias from ~/.ssh/config (several: targets = [\"pi@a\", \"pi@b\"])")
+            if spec == LOCAL:
+                continue
+            try:
                 check_spec(spec)
+            except UsageError as e:
+                if key == "target":
+                    raise
+                raise UsageError(f"{key}: {e}") from None  # which entry of the list
         sources = [n for n, on in (("target", self.target != LOCAL), ("targets", self.targets),
                                    ("inventory", self.inventory)) if on]
         if len(sources) > 1:
@@ -90,6 +100,11 @@ class BenchConfig:
     def validate_paths(self) -> None:
         """The inventory file exists and names valid targets (called when a recipe is loaded)."""
         self.fleet()
+
+    def check_devices(self) -> dict[str, dict]:
+        """Connect to every SSH device of the fleet and run the doctor probe there ({spec: facts}); one TargetError
+        naming each device that fails. `pistill search` calls it before it builds anything."""
+        return fleet.check_devices(self.fleet(), self)
 
     def fleet(self) -> list[str]:
         """The targets to benchmark, in order."""

@@ -1,7 +1,8 @@
 """Benchmark a fleet of SSH devices in parallel: check, provision, upload, run the agent, collect its JSON.
 
 `local` in a fleet is this machine, benchmarked as with `target = "local"` (`local.bench_here`). Each device is
-independent: one that is unreachable or fails is reported with its error and the others finish.
+independent: one that is unreachable or fails is reported with its error and the others finish. `check_devices`
+only reaches and probes each device (`pistill search` runs it before it builds anything).
 HF models (teacher, pruned, student) are converted to the GGUF artifact's quant by default, so the teacher and the
 student run in the same runtime on the same board and the report can state the speed-up. `cfg` is the bench
 stage's BenchConfig throughout (not imported here: the stage imports this module).
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from pistill.artifact import Artifact, sha256_file
+from pistill.errors import UserError
 from pistill.formats import Format, get_format
 from pistill.models import is_bitsandbytes
 from pistill.registry import register
+from pistill.rundir import scratch
 
 from . import doctor, provision, transfer
 from .local import (SPECULATIVE, BenchInterrupted, bench_here, bench_keys, interrupted_lines, log_result, models,
@@ -70,7 +73,7 @@ def device_gguf(artifact: Artifact, quant: str) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if quant in ("F16", "F32"):
         return write_gguf(artifact.model_path(), dst, quant.lower())
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+    with scratch("device-gguf", dst.parent) as tmp:  # a killed run's f16 copy goes at the next one
         base = write_gguf(artifact.model_path(), Path(tmp) / "f16.gguf", "f16")
         return quantize_gguf(base, dst, quant)
 
@@ -188,14 +191,64 @@ def bench_remote(spec: str, jobs: dict[str, Job | dict], cfg, progress, device: 
         with connect(parse_target(spec)) as conn:
             conn.stop = stop
             _on_device(conn, jobs, cfg, device, progress, task)
-    except TargetError as e:
+    except UserError as e:  # unreachable, refused, its ssh_config entry, a failed command: this device only
         device["error"] = str(e)
     except (OSError, EOFError, paramiko.SSHException) as e:  # the link died under SFTP or a channel
-        device["error"] = f"{spec}: connection failed: {type(e).__name__}: {e}"
+        device["error"] = link_error(spec, e)
     if "error" in device:
         log.warning("%s", device["error"])
     progress.update(task, total=1, completed=1, description=_device_line(spec, device))
     return device
+
+
+def link_error(spec: str, e: BaseException) -> str:
+    return f"{spec}: connection failed: {type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def reach(spec: str, cfg, stop: threading.Event | None = None) -> dict:
+    """Connect to one SSH device and run the doctor probe: {"facts"} or {"error"} (the device's one line)."""
+    import paramiko
+
+    try:
+        with connect(parse_target(spec)) as conn:
+            conn.stop = stop
+            facts = doctor.probe(conn, cfg.remote_cache, cfg.python or "python3")
+    except UserError as e:
+        return {"error": str(e)}
+    except (OSError, EOFError, paramiko.SSHException) as e:
+        return {"error": link_error(spec, e)}
+    if not facts.get("python"):
+        return {"error": f"{spec}: {cfg.python or 'python3'} is not there or does not run; install python3 on the "
+                         "device (sudo apt install python3 python3-venv) or fix [bench] python"}
+    return {"facts": facts}
+
+
+def check_devices(specs: list[str], cfg) -> dict[str, dict]:
+    """Every SSH device of `specs` reached and probed, in parallel, before anything is built for them: {spec:
+    doctor facts}; one TargetError naming each device that fails (`local` needs no check)."""
+    remote = [s for s in specs if s != LOCAL]
+    for spec in remote:
+        parse_target(spec)  # a bad ~/.ssh/config entry: its UsageError now (exit 2), before any connection
+    if not remote:
+        return {}
+    stop, pool = threading.Event(), ThreadPoolExecutor(max_workers=len(remote))
+    futures = [pool.submit(reach, s, cfg, stop) for s in remote]
+    try:
+        while wait(futures, timeout=POLL_S).not_done:  # a timed wait: Ctrl-C is seen at once
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=False)
+    found = {s: f.result() for s, f in zip(remote, futures)}
+    if errors := [d["error"] for d in found.values() if "error" in d]:
+        several = f"{len(errors)} of {len(remote)} devices cannot be used: " if len(remote) > 1 else ""
+        raise TargetError(several + "; ".join(errors))
+    for spec, d in found.items():
+        log.info("%s: reachable (%s, %s)", spec, d["facts"].get("board") or d["facts"].get("machine") or "?",
+                 d["facts"]["python"].get("version", "python"))
+    return {s: d["facts"] for s, d in found.items()}
 
 
 def _on_device(conn, jobs, cfg, device: dict, progress, task) -> None:

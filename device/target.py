@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import getpass
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pistill.errors import InputError, UserError
+from pistill.errors import UsageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ LOCAL = "local"  # the bench target that means "this machine, no SSH"
 DEFAULT_PORT = 22
 CONNECT_TIMEOUT_S = 15
 KEEPALIVE_S = 15  # seconds between keepalive packets (ssh_config ServerAliveInterval overrides)
+MAX_JUMPS = 8  # ProxyJump hops followed before a chain counts as a loop
 KILL_GRACE_S = 5  # after the limit, SIGTERM; this much later, SIGKILL
 SFTP_IDLE_S = 120  # an SFTP request unanswered this long means the link is dead
 PID_LINE = "pistill-pid "  # the first stderr line of every command: its pid on the device, to stop it on Ctrl-C
@@ -40,8 +42,10 @@ KILL = ('p=$1; kill -TERM "-$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null; i=0; '
 USER_SSH_CONFIG = Path("~/.ssh/config")
 USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 SYSTEM_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
-_SPEC = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
-                   r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)(?::(?P<port>\d{1,5}))?$")
+_SPEC = re.compile(r"(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"  # matched whole (fullmatch: no "\n" at the end)
+                   r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)(?::(?P<port>[0-9]{1,5}))?")
+_TIME = re.compile(r"([0-9]+)([smhdw]?)", re.I)  # ssh_config times: "30", "30s", "1m30s" (sshd_config(5) TIME FORMATS)
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class TargetError(UserError, RuntimeError):
@@ -86,41 +90,147 @@ class Target:
         return self.spec
 
 
+def shown(text, limit: int = 80) -> str:
+    """`text` fit for a one-line message: control characters escaped, long text cut."""
+    if not isinstance(text, str):
+        return f"<{type(text).__name__}>"
+    text = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_spec(spec: str) -> None:
-    """Raise ValueError unless `spec` looks like `user@host[:port]` or an alias (reads no files)."""
-    m = _SPEC.match(spec)
+    """UsageError unless `spec` looks like `user@host[:port]` or an alias (reads no files)."""
+    m = _SPEC.fullmatch(spec) if isinstance(spec, str) else None
+    if m and m["host"].startswith("["):  # [IPv6]
+        try:
+            ipaddress.IPv6Address(m["host"][1:-1])
+        except ValueError:
+            m = None
     if not m or (m["port"] and not 0 < int(m["port"]) < 65536):
-        raise InputError(f"target '{spec}' is not understood; use \"local\", \"user@host\", \"user@host:port\" "
-                         "or a Host alias from ~/.ssh/config")
+        several = isinstance(spec, str) and "," in spec
+        raise UsageError(f"target '{shown(spec)}' is not understood; use \"local\", \"user@host\", \"user@host:port\" "
+                         "or a Host alias from ~/.ssh/config" + ("; name several devices as a list: targets = "
+                                                                 "[\"pi@a\", \"pi@b\"]" if several else ""))
 
 
 def parse_target(spec: str, ssh_config: str | Path | None = None) -> Target:
-    """Resolve a spec through ssh_config (HostName, User, Port, IdentityFile, ProxyJump, UserKnownHostsFile).
+    """Resolve a spec through ssh_config (HostName, User, Port, IdentityFile, ProxyJump, UserKnownHostsFile,
+    ServerAliveInterval); UsageError naming the option and the fix for a value ssh would refuse.
 
     Values written in the spec win over the config, as with `ssh`."""
     check_spec(spec)
-    m = _SPEC.match(spec)
-    alias = m["host"].strip("[]")
+    m = _SPEC.fullmatch(spec)
+    alias, path = m["host"].strip("[]"), ssh_config_path(ssh_config)
     conf = _lookup(alias, ssh_config)
+    host = conf.get("hostname", alias)
+    _check_host(host, f"host '{shown(host)}' of target '{spec}'" if host == alias
+                else f"{path}: HostName '{shown(host)}' for {spec}")
+    for key, name in (("userknownhostsfile", "UserKnownHostsFile"), ("identityfile", "IdentityFile")):
+        for value in _values(conf.get(key)):
+            if not value.isprintable():
+                raise UsageError(f"{path}: {name} '{shown(value)}' for {spec} holds control characters; fix the path")
     known = (conf.get("userknownhostsfile") or "").split()
-    return Target(spec=spec, host=conf.get("hostname", alias), user=m["user"] or conf.get("user") or getpass.getuser(),
-                  port=int(m["port"] or conf.get("port", DEFAULT_PORT)),
-                  identity_files=tuple(conf.get("identityfile", ())),
-                  proxy_jump=None if conf.get("proxyjump", "none").lower() == "none" else conf["proxyjump"],
-                  known_hosts=os.path.expanduser(known[0]) if known else None,
-                  keepalive_s=int(conf.get("serveraliveinterval", KEEPALIVE_S)) or KEEPALIVE_S)
+    port = _config_port(conf, spec, path)
+    return Target(spec=spec, host=host, user=m["user"] or conf.get("user") or _local_user(spec),
+                  port=int(m["port"]) if m["port"] else port, identity_files=tuple(conf.get("identityfile", ())),
+                  proxy_jump=_proxy_jump(conf, spec, path), known_hosts=os.path.expanduser(known[0]) if known else None,
+                  keepalive_s=_keepalive(conf, spec, path))
+
+
+def ssh_config_path(ssh_config: str | Path | None) -> Path:
+    """The ssh_config file read: the one named, else ~/.ssh/config."""
+    return Path(ssh_config or USER_SSH_CONFIG).expanduser()
 
 
 def _lookup(alias: str, ssh_config: str | Path | None) -> dict:
     import paramiko
 
-    path = Path(ssh_config or USER_SSH_CONFIG).expanduser()
+    path = ssh_config_path(ssh_config)
     if not path.is_file():
         if ssh_config:
-            raise InputError(f"ssh_config file {path} does not exist; fix the path or leave it empty for "
+            raise UsageError(f"ssh_config file {path} does not exist; fix the path or leave it empty for "
                              f"{USER_SSH_CONFIG}")
         return {}
-    return paramiko.SSHConfig.from_path(str(path)).lookup(alias)
+    try:
+        return paramiko.SSHConfig.from_path(str(path)).lookup(alias)
+    except paramiko.SSHException as e:  # ConfigParseError: a line paramiko cannot read
+        raise UsageError(f"{path}: {shown(str(e), 200)}; fix that line (`ssh -G {alias}` shows how ssh reads the "
+                         "file)") from None
+    except (OSError, UnicodeDecodeError, ImportError) as e:  # unreadable, not UTF-8; `Match exec` without invoke
+        raise UsageError(f"ssh_config {path} cannot be read ({type(e).__name__}: {shown(str(e), 200)}); check that "
+                         "it is a UTF-8 text file you may read") from None
+
+
+def _values(value) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _check_host(host: str, what: str) -> None:
+    """UsageError unless `host` is an IP address or a name the resolver takes: getaddrinfo raises UnicodeError (not
+    OSError) for "a..b" or a label over 63 characters."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not host or not host.isprintable() or any(c.isspace() for c in host):
+        why = "it is empty" if not host else "it holds spaces or control characters"
+    else:
+        try:
+            host.encode("idna")
+            return
+        except UnicodeError as e:
+            why = ("a dot-separated part is empty or over 63 characters" if "label" in str(e)
+                   else shown(str(e), 120))
+    raise UsageError(f"{what} is not a valid host name ({why}); fix the name")
+
+
+def _config_port(conf: dict, spec: str, path: Path) -> int:
+    value = conf.get("port", str(DEFAULT_PORT))
+    if not (value.isascii() and value.isdigit() and 0 < int(value) < 65536):
+        raise UsageError(f"{path}: Port '{shown(value)}' for {spec} is not a port number; write one from 1 to 65535 "
+                         "(ssh's is 22)")
+    return int(value)
+
+
+def ssh_seconds(text: str) -> int | None:
+    """An ssh_config time ("30", "30s", "1m30s": sshd_config(5) TIME FORMATS) in seconds; None if it is not one."""
+    parts = _TIME.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(int(n) * _UNIT_S[u.lower()] for n, u in parts)
+
+
+def _keepalive(conf: dict, spec: str, path: Path) -> int:
+    value = conf.get("serveraliveinterval", "0")
+    seconds = ssh_seconds(value)
+    if seconds is None or seconds > 2**31 - 1:
+        raise UsageError(f"{path}: ServerAliveInterval '{shown(value)}' for {spec} is not a time; write seconds, "
+                         f"e.g. {KEEPALIVE_S} (or 1m; 0 for pistill's {KEEPALIVE_S} s)")
+    return seconds or KEEPALIVE_S
+
+
+def _proxy_jump(conf: dict, spec: str, path: Path) -> str | None:
+    """ProxyJump as "a,b" (each hop checked like a target; `ssh://` URIs as `user@host:port`), None for `none`."""
+    value = conf.get("proxyjump", "none")
+    if value.lower() == "none":
+        return None
+    hops = [h.strip().removeprefix("ssh://") for h in value.split(",")]
+    for hop in hops:
+        try:
+            check_spec(hop)
+        except UsageError:
+            raise UsageError(f"{path}: ProxyJump '{shown(value)}' for {spec}: hop '{shown(hop)}' is not understood; "
+                             "write host, user@host or user@host:port, several separated by commas") from None
+    return ",".join(hops)
+
+
+def _local_user(spec: str) -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no $USER and no passwd entry (some containers)
+        raise UsageError(f"target '{spec}' names no user and this machine's user name is unknown; write "
+                         f"user@{spec}") from None
 
 
 # --- host keys ------------------------------------------------------------------------------------------------
@@ -182,22 +292,44 @@ def changed_host_message(target: Target, known: Path, err) -> str:
 
 # --- connecting -----------------------------------------------------------------------------------------------
 
+class _TransportLog(logging.Filter):
+    """paramiko's transport thread logs a failed handshake or a dropped link at ERROR with its traceback, and pistill
+    raises one line for the same failure: those records go out at DEBUG (seen with -v) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def route_transport_log() -> None:
+    """Install `_TransportLog` on paramiko's transport logger (once)."""
+    logger = logging.getLogger("paramiko.transport")
+    if not any(isinstance(f, _TransportLog) for f in logger.filters):
+        logger.addFilter(_TransportLog())
+
+
 def connect(target: Target, known_hosts: str | Path | None = None, accept_host_key: str | None = None,
             ssh_config: str | Path | None = None, timeout_s: float = CONNECT_TIMEOUT_S) -> "Connection":
-    """An authenticated connection (keys from IdentityFile, else the agent and ~/.ssh/id_*), keepalive on."""
-    hop = jump_target(target, ssh_config)
-    jumps = [connect(hop, known_hosts, None, ssh_config, timeout_s)] if hop else []
+    """An authenticated connection (keys from IdentityFile, else the agent and ~/.ssh/id_*), keepalive on; through
+    the ProxyJump hops, each one a connection of its own."""
+    route_transport_log()
+    jumps: list[Connection] = []
     try:
-        client = _client(target, known_hosts, accept_host_key, jumps, timeout_s)
+        for hop in jump_chain(target, ssh_config):
+            jumps.append(Connection(hop, _client(hop, known_hosts, None, jumps[-1] if jumps else None, timeout_s), []))
+        client = _client(target, known_hosts, accept_host_key, jumps[-1] if jumps else None, timeout_s)
     except BaseException:
-        for j in jumps:
+        for j in reversed(jumps):
             j.close()
         raise
-    client.get_transport().set_keepalive(target.keepalive_s)
+    for conn_target, c in [*((j.target, j.client) for j in jumps), (target, client)]:
+        c.get_transport().set_keepalive(conn_target.keepalive_s)
     return Connection(target, client, jumps)
 
 
-def _client(target: Target, known_hosts, accept: str | None, jumps: list["Connection"], timeout_s: float):
+def _client(target: Target, known_hosts, accept: str | None, via: "Connection | None", timeout_s: float):
     import paramiko
 
     client, known = paramiko.SSHClient(), known_hosts_path(target, known_hosts)
@@ -208,8 +340,9 @@ def _client(target: Target, known_hosts, accept: str | None, jumps: list["Connec
     policy = _policy(target, known, accept)
     client.set_missing_host_key_policy(policy)
     try:
-        _connect(client, target, jumps[0].tunnel(target, timeout_s) if jumps else None, timeout_s)
+        _connect(client, target, via.tunnel(target, timeout_s) if via else None, timeout_s)
     except BaseException as e:
+        transport = client.get_transport()
         client.close()
         if isinstance(e, paramiko.BadHostKeyException):
             raise HostKeyError(changed_host_message(target, known, e), fingerprint(e.key)) from None
@@ -218,18 +351,66 @@ def _client(target: Target, known_hosts, accept: str | None, jumps: list["Connec
             raise HostKeyError(unknown_host_message(target, known, policy.offered, accept),
                                fingerprint(policy.offered)) from None
         if isinstance(e, paramiko.SSHException):
-            raise TargetError(f"{target}: SSH failed: {e}") from None
+            raise handshake_error(target, e, transport, timeout_s) from None
         raise
     return client
+
+
+def handshake_error(target: Target, e: Exception, transport, timeout_s: float) -> TargetError:
+    """One line for a TCP connection on which no SSH session came up: the peer is not an SSH server (no banner:
+    silent, closed, or something else talking), or the SSH handshake itself failed."""
+    if transport is not None and not transport.remote_version:
+        cause = e.__context__
+        if isinstance(cause, socket.timeout) or str(e) == "No existing session":  # the latter: start_client's limit
+            why = f"no SSH banner within {timeout_s:g} s"
+        elif isinstance(cause, (EOFError, ConnectionError)):  # reset: it hung up on our own banner unread
+            why = "it closed the connection without an SSH banner"
+        elif isinstance(cause, UnicodeDecodeError):
+            why = "it sent binary data, not an SSH banner"
+        else:
+            why = " ".join(shown(str(e), 160).split())
+        return TargetError(f"{_named(target)} accepted a TCP connection but did not answer as an SSH server ({why}); "
+                           "check the host and port")
+    if str(e) == "No existing session":
+        return TargetError(f"{target}: the SSH handshake with {target.host}:{target.port} did not finish within "
+                           f"{timeout_s:g} s; check the device's sshd and the network")
+    return TargetError(f"{target}: SSH failed: {' '.join(shown(str(e) or type(e).__name__, 200).split())}")
+
+
+def _named(target: Target) -> str:
+    """The spec, with the address it resolved to where the spec does not show it ("pi5 (10.0.0.5:2222)")."""
+    shows = f"{target.host}:{target.port}" in target.spec or (target.port == DEFAULT_PORT
+                                                              and target.spec.endswith(target.host))
+    return target.spec if shows else f"{target.spec} ({target.host}:{target.port})"
 
 
 def jump_target(target: Target, ssh_config: str | Path | None) -> Target | None:
     """The hop nearest the target: ProxyJump "a,b" means b, itself reached through "a" (as `ssh -J a,b`)."""
     if not target.proxy_jump:
         return None
-    *rest, last = [h.strip() for h in target.proxy_jump.split(",") if h.strip()]
+    hops = [h.strip() for h in target.proxy_jump.split(",") if h.strip()]
+    if not hops:
+        return None
+    *rest, last = hops
     hop = parse_target(last, ssh_config)
     return dataclasses.replace(hop, proxy_jump=",".join(rest) or None) if rest else hop
+
+
+def jump_chain(target: Target, ssh_config: str | Path | None) -> list[Target]:
+    """The ProxyJump hops to `target`, nearest us first; UsageError when they loop (a jump host that jumps through
+    itself, often a `Host *` ProxyJump that also applies to the jump host)."""
+    hops, hop = [], target
+    while (hop := jump_target(hop, ssh_config)) is not None:
+        seen = [target.spec, *(h.spec for h in hops)]
+        chain, path = " -> ".join([*seen, hop.spec]), ssh_config_path(ssh_config)
+        if hop.spec in seen:
+            raise UsageError(f"{path}: the ProxyJump chain of {target.spec} loops ({chain}); give the jump host its "
+                             f"own `ProxyJump none` (or exclude it: `Host * !{hop.spec}`)")
+        if len(hops) == MAX_JUMPS:
+            raise UsageError(f"{path}: the ProxyJump chain of {target.spec} has more than {MAX_JUMPS} hops ({chain}); "
+                             "shorten it")
+        hops.append(hop)
+    return hops[::-1]
 
 
 def _connect(client, target: Target, sock, timeout_s: float) -> None:
@@ -250,12 +431,12 @@ def _connect(client, target: Target, sock, timeout_s: float) -> None:
         raise TargetError(f"{target}: authentication failed for user '{target.user}' (tried {tried}); install "
                           f"your public key on the device: ssh-copy-id -p {target.port} "
                           f"{target.user}@{target.host}") from None
-    except (OSError, EOFError) as e:  # refused, unreachable, DNS, timeout
+    except (OSError, EOFError, UnicodeError) as e:  # refused, unreachable, DNS, timeout; UnicodeError: a bad name
         raise TargetError(f"{target}: cannot reach {target.host}:{target.port}: {_reason(e)}") from None
 
 
 def _reason(e: BaseException) -> str:
-    return str(e) or type(e).__name__
+    return " ".join(shown(str(e), 200).split()) or type(e).__name__
 
 
 def host_key(target: Target, ssh_config: str | Path | None = None, known_hosts: str | Path | None = None,
@@ -263,8 +444,10 @@ def host_key(target: Target, ssh_config: str | Path | None = None, known_hosts: 
     """The host key the target offers (no authentication), for `pistill trust`."""
     import paramiko
 
-    hop = jump_target(target, ssh_config)
-    jump = connect(hop, known_hosts, None, ssh_config, timeout_s) if hop else None
+    route_transport_log()
+    hops = jump_chain(target, ssh_config)
+    jump = connect(hops[-1], known_hosts, None, ssh_config, timeout_s) if hops else None
+    transport = None
     try:
         sock = jump.tunnel(target, timeout_s) if jump else socket.create_connection((target.host, target.port),
                                                                                     timeout_s)
@@ -274,7 +457,9 @@ def host_key(target: Target, ssh_config: str | Path | None = None, known_hosts: 
             return transport.get_remote_server_key()
         finally:
             transport.close()
-    except (OSError, EOFError, paramiko.SSHException) as e:
+    except paramiko.SSHException as e:
+        raise handshake_error(target, e, transport, timeout_s) from None
+    except (OSError, EOFError, UnicodeError) as e:
         raise TargetError(f"{target}: cannot reach {target.host}:{target.port}: {_reason(e)}") from None
     finally:
         if jump:
@@ -364,7 +549,8 @@ def describe(argv: list[str], limit: int = 120) -> str:
 
 
 class Connection:
-    """An open, authenticated SSH connection to one target."""
+    """An open, authenticated SSH connection to one target; `jumps`: its ProxyJump hops' connections, nearest us
+    first (closed with it)."""
 
     def __init__(self, target: Target, client, jumps: list["Connection"]):
         self.target, self.client, self.jumps = target, client, jumps
@@ -381,7 +567,7 @@ class Connection:
         if self._sftp is not None:
             self._sftp.close()
         self.client.close()
-        for j in self.jumps:
+        for j in reversed(self.jumps):  # the hop nearest the target first: the others carry its connection
             j.close()
 
     @property
@@ -404,8 +590,14 @@ class Connection:
 
     def tunnel(self, target: Target, timeout_s: float):
         """A direct-tcpip channel to `target` through this host (ProxyJump)."""
-        return self.client.get_transport().open_channel("direct-tcpip", (target.host, target.port), ("", 0),
-                                                        timeout=timeout_s)
+        import paramiko
+
+        try:
+            return self.client.get_transport().open_channel("direct-tcpip", (target.host, target.port), ("", 0),
+                                                            timeout=timeout_s)
+        except paramiko.SSHException as e:  # ChannelException: the jump host could not open the connection
+            raise TargetError(f"{target}: the jump host {self.target} cannot reach {target.host}:{target.port}: "
+                              f"{shown(getattr(e, 'text', '') or _reason(e), 200)}") from None
 
     def run(self, argv: list[str], timeout_s: float, check: bool = True, echo: bool = False) -> Result:
         """Run argv (quoted) with a hard limit; output lines go to the log (INFO when `echo`, else DEBUG).

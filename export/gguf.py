@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from pistill.artifact import Artifact, ArtifactWriter
+from pistill.rundir import check_free, scratch
 from pistill.vocab_map import VocabMap
 
 from .gguf_convert import OUTTYPES, check_folder, tensor_names, write_gguf
@@ -151,17 +151,17 @@ def verify_unquantized(base: Path, folder: Path, reference, data: Artifact, pari
             raise
         log.warning("%s misses the parity gate (%s); an F32 export decides whether the exporter is broken",
                     base.name, "; ".join(err.problems))
-        metrics["f32_check"] = check_f32(folder, reference, data, cfg)
+        metrics["f32_check"] = check_f32(folder, reference, data, cfg, base.parent)  # base: in the stage's folder
         metrics["verified_with"] = "f32"
     return metrics
 
 
-def check_f32(folder: Path, reference, data: Artifact, cfg: GGUFConfig) -> dict:
-    """Parity figures of a throwaway F32 export of `folder`, run with an F32 KV cache; VerificationError if it
-    misses the gate."""
+def check_f32(folder: Path, reference, data: Artifact, cfg: GGUFConfig, work: Path | None = None) -> dict:
+    """Parity figures of a throwaway F32 export of `folder` (written in `work`, the stage's temporary folder; None:
+    the temp folder), run with an F32 KV cache; VerificationError if it misses the gate."""
     from .verify import check_unquantized, unquantized_metrics
 
-    with tempfile.TemporaryDirectory(prefix="pistill-gguf-f32-") as tmp:
+    with scratch("gguf-f32", work) as tmp:
         path = write_gguf(folder, Path(tmp) / "model-f32.gguf", "f32")
         parity = score_files([path], data, cfg.threads, reference, "f32", VocabMap.load(folder))[path.name]
         parity = parity["vs_student"]
@@ -195,6 +195,10 @@ def run(inputs: Mapping[str, Artifact], cfg: GGUFConfig, out: Path) -> Artifact:
     config = check_folder(folder)[0]
     names = tensor_names(folder, config)  # every check before anything is written
     check_output_width(cfg.output_type, config["hidden_size"])  # the output rows are hidden_size wide
+    # model-<outtype>.gguf at 2 (f16) or 4 (f32) bytes per parameter, then each quantized file at most ~1.1 (Q8_0 is
+    # 8.5 bits per weight; an F16 output tensor adds a little)
+    per_param = {"f32": 4}.get(cfg.outtype, 2) + 1.1 * len(cfg.quants)
+    check_free(out, int((student.metrics.get("params") or 0) * per_param), "the GGUF export")
     with ArtifactWriter(out, "gguf", cfg, inputs) as w:
         base = write_gguf(folder, w.dir / f"model-{cfg.outtype}.gguf", cfg.outtype)
         use_imatrix = cfg.imatrix and any(q != "Q8_0" for q in cfg.quants)  # Q8_0 rounds without it

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from pistill.errors import InputError, UserError
+from pistill.rundir import scratch
 
 from .imatrix import LlamaImatrix
 
@@ -111,7 +111,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, imatrix: L
                     quant, n, QK_K)
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
-    with tempfile.TemporaryDirectory() as logdir:
+    with scratch("quantize-log") as logdir:
         with _stderr_to(Path(logdir) / "quantize.log"):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         llama_log = (Path(logdir) / "quantize.log").read_text(errors="replace").strip().splitlines()

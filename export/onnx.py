@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pistill.artifact import Artifact, ArtifactWriter
 from pistill.vocab_map import VocabMap
 from pistill.errors import InputError
 from pistill.hf_folder import check_hf_folder, copy_tokenizer_files
+from pistill.rundir import check_free, scratch
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def export(hf_dir: Path, out: Path, cfg: ONNXConfig) -> Path:
 
 
 def _build(hf_dir: Path, out: Path, cfg: ONNXConfig) -> None:
-    with _builder_output(), tempfile.TemporaryDirectory(prefix="pistill-ortgenai-") as cache:
+    with _builder_output(), scratch("ortgenai") as cache:  # the builder's download cache, unused for a folder
         from onnxruntime_genai.models import builder
 
         args = (None, str(hf_dir), str(out), cfg.precision, "cpu", cache)  # model_name, input, output, ..., cache
@@ -151,13 +151,14 @@ def verify_unquantized(fp32_dir: Path, hf_dir: Path, reference, parity: dict, cf
     return unquantized_metrics(parity, gen)
 
 
-def verify(folder: Path, hf_dir: Path, data: Artifact, cfg: ONNXConfig) -> dict:
+def verify(folder: Path, hf_dir: Path, data: Artifact, cfg: ONNXConfig, work: Path | None = None) -> dict:
     """Scores of the export (teacher and `vs_student`), tokenizer parity, and the fp32 checks (on the export itself,
-    or on a throwaway fp32 build when `cfg.verify_fp32`)."""
+    or on a throwaway fp32 build when `cfg.verify_fp32`, made in `work`: the stage's temporary folder, so a killed
+    run leaves it where the stage's own leftovers are removed; None: the temp folder)."""
     from .verify import TorchLM, onnx_tokenizer_parity
 
     reference = TorchLM(hf_dir)
-    with tempfile.TemporaryDirectory(prefix="pistill-onnx-fp32-") as tmp:
+    with scratch("onnx-fp32", work) as tmp:
         folders = {"model": folder}
         if cfg.precision == "int4" and cfg.verify_fp32:
             folders["fp32"] = export(hf_dir, Path(tmp) / MODEL_DIR, dataclasses.replace(cfg, precision="fp32"))
@@ -178,6 +179,9 @@ def run(inputs: Mapping[str, Artifact], cfg: ONNXConfig, out: Path) -> Artifact:
     if (student.model or {}).get("format") != "hf":
         raise InputError(f"{student.path} (stage '{student.stage}') holds no Hugging Face folder to export")
     check_hf_folder(student.model_path(), USER)
+    # an fp32 model (the export itself, or the throwaway build that verifies int4) at 4 bytes per parameter, plus
+    # the int4 model at ~0.6 (block_size 32): 5 bytes per parameter for int4
+    check_free(out, (student.metrics.get("params") or 0) * (5 if cfg.precision == "int4" else 4), "the ONNX export")
     with ArtifactWriter(out, "onnx", cfg, inputs) as w:
         t0 = time.time()
         folder = export(student.model_path(), w.dir / MODEL_DIR, cfg)
@@ -185,7 +189,7 @@ def run(inputs: Mapping[str, Artifact], cfg: ONNXConfig, out: Path) -> Artifact:
         params, size = student.metrics.get("params"), model_bytes(folder)
         w.metrics.update(params=params, bytes=size, export_s=round(time.time() - t0, 2),
                          bits_per_weight=8 * size / params if params else None)
-        w.metrics.update(verify(folder, student.model_path(), data, cfg) if cfg.verify
+        w.metrics.update(verify(folder, student.model_path(), data, cfg, w.dir) if cfg.verify
                          else evaluate_path(folder, "onnx", data, vocab=VocabMap.load(student.model_path())))
         log.info("onnx %s: %.1f MB, %.3f bits per byte, ppl %.2f", cfg.precision, w.metrics["bytes"] / 1e6,
                  w.metrics["bpb"], w.metrics["ppl"])

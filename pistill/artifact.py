@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -19,7 +20,10 @@ from typing import Any
 
 from .errors import OutputError, UserError
 from .formats import FORMATS, runtime_for_format  # noqa: F401 (runtime_for_format: the report imports it here)
-from .rundir import make_dir
+from .hashcache import remember, sha256_file
+from .rundir import atomic_write, make_dir, no_space, track
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -29,14 +33,6 @@ _TRACKED_PACKAGES = ("transformers", "accelerate", "bitsandbytes", "gguf", "onnx
 
 class ArtifactError(UserError, RuntimeError):
     """An artifact folder is missing, incomplete or of the wrong stage."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_dict(cfg: Any) -> dict:
@@ -135,7 +131,38 @@ def read_manifest(path: Path) -> dict:
     if missing:
         what = f"lacks {', '.join(missing)}" if isinstance(manifest, dict) else f"is a JSON {type(manifest).__name__}"
         raise ArtifactError(f"{path} {what}, not a pistill manifest; rerun the stage that wrote the folder")
+    wrong = _wrong_field(manifest)
+    if wrong:
+        raise ArtifactError(f"{path}: {wrong}; the manifest is damaged: rerun the stage that wrote the folder")
     return manifest
+
+
+def _is_model(m: Any) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("format"), str) and isinstance(m.get("file"), str)
+
+
+_SHAPES = {  # manifest field: (its check, what it must be); absent fields are allowed where readers default them
+    "stage": (lambda v: isinstance(v, str), "a string"),
+    "id": (lambda v: isinstance(v, str), "a string"),
+    "key": (lambda v: isinstance(v, str), "a string"),
+    "model": (lambda v: v is None or _is_model(v), "null or an object with string 'format' and 'file'"),
+    "models": (lambda v: isinstance(v, list) and all(_is_model(m) and isinstance(m.get("key"), str) for m in v),
+               "a list of objects with string 'key', 'format' and 'file'"),
+    "metrics": (lambda v: isinstance(v, dict), "an object"),
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "parents": (lambda v: isinstance(v, list) and all(isinstance(p, dict) for p in v), "a list of objects"),
+    "files": (lambda v: isinstance(v, dict) and all(
+        isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)
+        for f in v.values()), "an object of {file: {bytes, sha256}}"),
+}
+
+
+def _wrong_field(manifest: dict) -> str:
+    """'<field> is <what it is>, not <what it must be>' for the first malformed field, else ''."""
+    for name, (ok, must) in _SHAPES.items():
+        if name in manifest and not ok(manifest[name]):
+            return f"'{name}' is {json.dumps(manifest[name])[:60]}, not {must}"
+    return ""
 
 
 def environment() -> dict:
@@ -217,30 +244,48 @@ class ArtifactWriter:
 
     def __enter__(self) -> "ArtifactWriter":
         check_out(self.out, self.stage, self.parents)  # before any work
-        if self.dir.exists():
+        if self.dir.is_symlink():  # planted under our temporary's name: drop the link, never follow it
+            self.dir.unlink()
+        elif self.dir.exists():
             shutil.rmtree(self.dir)
         make_dir(self.dir)
+        track(self.dir)  # a SIGKILL here: the next pistill process removes it, whatever its --out
         self._t0 = time.time()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+            full = no_space(exc, self.out)  # disk full anywhere in the stage: one line naming the folder
+            if full is not None:
+                raise full from None
             return False
-        manifest = self._manifest(time.time() - self._t0)
-        (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
         try:
+            manifest = self._manifest(time.time() - self._t0)
+            atomic_write(self.dir / MANIFEST, json.dumps(manifest, indent=2, default=_json_default) + "\n")
             check_out(self.out, self.stage, self.parents)  # again: the folder may have changed during the stage
-        except OutputError:
+        except BaseException as e:
             shutil.rmtree(self.dir, ignore_errors=True)
+            full = no_space(e, self.out)
+            if full is not None:
+                raise full from None
             raise
+        self._put_in_place()
+        self.artifact = Artifact(self.out, manifest)
+        remember({self.out / name: f["sha256"] for name, f in manifest["files"].items()})  # no rehash next run
+        return False
+
+    def _put_in_place(self) -> None:
+        """Rename the finished folder to `out`; the old artifact there goes only once the new one is in place, and
+        files in it that its manifest does not list (the user's own) are moved aside first, never deleted."""
         old = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}.old"  # never a moment without an artifact
+        if old.is_symlink() or old.is_file():
+            old.unlink()
         if self.out.exists():
+            keep_foreign(self.out)
             os.replace(self.out, old)
         os.replace(self.dir, self.out)
         shutil.rmtree(old, ignore_errors=True)
-        self.artifact = Artifact(self.out, manifest)
-        return False
 
     def _manifest(self, wall_s: float) -> dict:
         files = {str(p.relative_to(self.dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
@@ -263,6 +308,37 @@ class ArtifactWriter:
             "created": created,
             "wall_s": round(wall_s, 3),
         }
+
+
+def foreign_files(folder: Path) -> list[Path]:
+    """Files (and links) in an artifact folder that its manifest does not list: put there by someone else."""
+    try:
+        listed = set(read_manifest(folder / MANIFEST).get("files", {})) | {MANIFEST}
+    except ArtifactError:
+        return []
+    return [p for p in sorted(folder.rglob("*"))
+            if (p.is_symlink() or p.is_file()) and str(p.relative_to(folder)) not in listed]
+
+
+def keep_foreign(folder: Path) -> Path | None:
+    """Move the files an artifact's manifest does not list to `<folder>.kept-<time>/` beside it (same relative
+    paths), with a warning naming them, before pistill replaces the folder. The new folder, or None."""
+    foreign = foreign_files(folder)
+    if not foreign:
+        return None
+    dest = folder.parent / f"{folder.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{folder.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    for p in foreign:
+        target = dest / p.relative_to(folder)
+        make_dir(target.parent)
+        os.replace(p, target)
+    names = ", ".join(str(p.relative_to(folder)) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+    log.warning("%s held %d file(s) its manifest does not list (%s); pistill replaces the folder, so it moved them "
+                "to %s", folder, len(foreign), names, dest)
+    return dest
 
 
 def check_out(out: Path, stage: str, parents: list[Artifact] = ()) -> None:

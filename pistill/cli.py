@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import logging
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UsageError
+from .rundir import clean_scratch
 
 log = logging.getLogger("pistill")
 
@@ -51,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "eval":
             s.add_argument("--items", dest="eval_items", type=int, metavar="N",
                            help="items per task (overrides [eval] items; 0 = all)")
+    v = sub.add_parser("verify", help="check every artifact of a run folder against its manifest's sha256")
+    v.add_argument("run_dir", help="run folder (or one artifact folder)")
     _search_parser(sub)
     _device_parsers(sub)
     return p
@@ -86,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-tensor bars; we show stages
     _enable_faulthandler()
+    _exit_on_sigterm()
     _setup_logging(args.verbose)
+    clean_scratch()  # temporaries of pistill processes that were killed (SIGKILL leaves them)
     from .errors import UserError
 
     try:
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return {"doctor": _doctor, "trust": _trust}[args.command](args)
         if args.command == "search":
             return _search(args)
+        if args.command == "verify":
+            return _verify(args)
         return _run(args) if args.command == "run" else _stage(args)
     except UserError as e:  # the user can fix it: one line (and the traceback with -v); anything else is a bug
         if args.verbose:
@@ -104,6 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pistill: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:  # any other OSError is a bug: its traceback
+            raise
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        name = str(e.filename or "")
+        print(f"pistill: error: the path {name[:60]}{'...' if len(name) > 60 else ''} is too long for the file "
+              "system (over 255 bytes in one name); shorten it", file=sys.stderr)
+        return 2
 
 
 def _one_line(e: Exception) -> str:
@@ -115,6 +133,19 @@ def _enable_faulthandler() -> None:
     try:
         faulthandler.enable()
     except (RuntimeError, ValueError, OSError):  # stderr without a file descriptor (pytest capsys, notebooks)
+        pass
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (kill, systemd, a CI timeout) unwinds like Ctrl-C: temporary folders are removed on the way out."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (pistill.cli.main called from a library's worker)
         pass
 
 
@@ -133,12 +164,13 @@ def _setup_logging(verbose: bool) -> None:
 def _load_recipe(path: str | None):
     from . import recipe
 
-    return recipe.load(path) if path else recipe.from_dict({})
+    return recipe.load(path) if path is not None else recipe.from_dict({})  # "" is a bad path, not "no recipe"
 
 
 def _overridden(rec, args):
     """The recipe with the command line's --target and --eval-items / --items applied."""
-    if getattr(args, "target", None):
+    if getattr(args, "target", None) is not None:
+        _target_specs(args.target)
         rec = rec.with_config("bench", target=args.target)
     if getattr(args, "eval_items", None) is not None:
         rec = rec.with_config("eval", items=args.eval_items)
@@ -168,8 +200,8 @@ def _search(args) -> int:
     try:
         cfg = dataclasses.replace(rec.search, **changes)
         bench = rec.configs["bench"]
-        if args.target:
-            specs = [t.strip() for t in args.target.split(",") if t.strip()]
+        if args.target is not None:
+            specs = _target_specs(args.target)
             bench = dataclasses.replace(bench, target=specs[0] if len(specs) == 1 else "local",
                                         targets=specs if len(specs) > 1 else [], inventory="")
     except ValueError as e:
@@ -177,6 +209,31 @@ def _search(args) -> int:
     out = Path(args.out or f"{rec.out.rstrip('/')}-search").expanduser()
     print(run_search(rec, cfg, out, bench))
     return 0
+
+
+def _target_specs(text: str) -> list[str]:
+    """`--target a,b` as its targets; UsageError for an empty one (`--target ,` used to benchmark locally)."""
+    specs = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in specs):
+        raise UsageError(f"--target {text!r} names an empty target; give 'local', user@host, or several joined by "
+                         "commas (pi@a,pi@b)")
+    return specs
+
+
+def _verify(args) -> int:
+    """Every problem on its own stdout line with the command that rebuilds it; exit 1 when there is any."""
+    from .pipeline import rerun_hint
+    from .verify import artifact_folders, notes, verify_run
+
+    run_dir = Path(args.run_dir).expanduser()
+    bad = verify_run(run_dir)
+    for stage_name, folder, problem in bad:
+        print(f"{problem}; {rerun_hint(stage_name, folder.parent)}" if stage_name else problem)
+    for note in notes(run_dir):
+        log.warning(note)
+    n = len(artifact_folders(run_dir))
+    log.info("%d artifact(s) checked in %s: %s", n, run_dir, f"{len(bad)} problem(s)" if bad else "all intact")
+    return 1 if bad else 0
 
 
 def _stage(args) -> int:
@@ -250,7 +307,7 @@ def _doctor(args) -> int:
         with target.connect(target.parse_target(args.target, args.ssh_config), args.known_hosts,
                             args.accept_host_key, args.ssh_config) as conn:
             facts = doctor.probe(conn, args.cache, args.python)
-    report = doctor.diagnose(facts, dir_bytes(Path(args.model)) if args.model else None)
+    report = doctor.diagnose(facts, dir_bytes(_model_path(args.model)) if args.model is not None else None)
     if args.json:
         print(json.dumps({"target": args.target, **report}, indent=2))
         return 0
@@ -262,6 +319,14 @@ def _doctor(args) -> int:
     for note in report["warnings"]:
         console.print(f"[yellow]warning:[/] {note}", highlight=False)
     return 0
+
+
+def _model_path(text: str) -> Path:
+    """`doctor --model`: a model file or folder that exists (it used to report a missing one as 0 bytes)."""
+    path = Path(text).expanduser()
+    if not text or not (path.is_file() or path.is_dir()):
+        raise UsageError(f"--model {text!r} is not a model file or folder; give the .gguf file or the model folder")
+    return path
 
 
 def _trust(args) -> int:

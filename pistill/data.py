@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("calib", "train", "heldout")
 HELDOUT_EVERY = 10  # one document in ten (by content hash) is held out
+CHUNK = 1 << 20  # characters read at a time when a file is checked (a long line is read in pieces)
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,19 @@ class DataConfig:
                 raise ValueError(f"{name} = {getattr(self, name)} must be in [0, 1]")
 
     def validate_paths(self) -> None:
+        """The corpus and prompts files exist and read as the stage will read them (called when a recipe is loaded,
+        so that a bad file fails then, not after the teacher has generated); InputError naming file and line."""
         for name in ("corpus", "prompts"):
             value = getattr(self, name)
-            if value != "default" and not value.startswith("hf:") and not Path(value).is_file():
-                raise ValueError(f"{name} file {value} does not exist; fix [data] {name}")
+            if value == "default" or name == "corpus" and value.startswith("hf:"):
+                continue
+            if not value.strip():
+                raise InputError(f'{name} is empty; name a file, or "default"')
+            field = self.text_field if name == "corpus" and Path(value).suffix == ".jsonl" else None
+            if not check_text_file(Path(value), name, field) and (name == "corpus" or self.generate):
+                fix = "fill it, or fix [data] corpus" if name == "corpus" else \
+                    "write one task a line, or set [data] generate = 0"
+                raise InputError(f"{name} file {value} holds no text; {fix}")
 
 
 # --- corpora ---------------------------------------------------------------------------------------------------
@@ -126,6 +136,39 @@ def read_text(path: Path, key: str) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{key} file {path} cannot be read ({type(e).__name__}); make it a UTF-8 text file you "
                          f"may read, or fix [data] {key}") from None
+
+
+def check_text_file(path: Path, key: str, field: str | None = None) -> bool:
+    """Read the file of `[data] key` once, streamed, as the stage will: UTF-8 throughout and, with `field`, each
+    line a JSON object holding that string (`jsonl_text`). Whether it holds any text; InputError naming the line."""
+    if not path.is_file():
+        raise InputError(f"{key} file {path} {'is not a file' if path.exists() else 'does not exist'}; "
+                         f"fix [data] {key}")
+    text = False
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines: the lines `read_corpus` numbers
+            pieces = enumerate(f, 1) if field else enumerate(iter(lambda: f.read(CHUNK), ""), 1)
+            for n, piece in pieces:
+                if field and piece.strip():
+                    jsonl_text(path, n, piece, field)
+                text = text or bool(piece.strip())
+    except OSError as e:
+        raise InputError(f"{key} file {path} cannot be read ({type(e).__name__}: {e.strerror}); make it a file "
+                         f"you may read, or fix [data] {key}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{key} file {path} {not_utf8(path)}; save it as UTF-8, or fix [data] {key}") from None
+    return text
+
+
+def not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8: "line N is not UTF-8 (byte 0xNN at column C)" (read in binary, streamed)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {n} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    return "is not UTF-8"
 
 
 def jsonl_text(path: Path, n: int, line: str, field: str) -> str:

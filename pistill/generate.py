@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .registry import lookup, register
+from .rundir import scratch
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,8 @@ class LlamaCppGenerator:
 
     def __init__(self, folder: Path, parallel: int = 16, threads: int = 0, gguf_type: str = "Q8_0",
                  gguf: Path | None = None):
-        """`folder`: the HF teacher, converted to a temporary GGUF of `gguf_type`; or `gguf`: a file to use as is."""
-        import tempfile
-
+        """`folder`: the HF teacher, converted to a temporary GGUF of `gguf_type` (in a scratch folder, removed at
+        `close`, or by the next pistill run if this one is killed); or `gguf`: a file to use as is."""
         import llama_cpp
 
         t0 = time.perf_counter()
@@ -144,7 +144,7 @@ class LlamaCppGenerator:
         self.ll, self.parallel, self.threads = llama_cpp, parallel, threads or os.cpu_count() or 1
         self._tmp = None
         if gguf is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="pistill-teacher-gguf-")
+            self._tmp = scratch("teacher-gguf")
             gguf = teacher_gguf(folder, Path(self._tmp.name), gguf_type, threads)
         self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
         if not self.model:

@@ -34,9 +34,20 @@ ARCHITECTURES: dict[str, Arch] = {  # HF model_type -> its entry
 
 
 def read_json(path: Path) -> dict:
-    """A JSON file's object, {} when the file is missing."""
+    """A JSON file's object, {} when the file is missing; InputError naming the file when it is unreadable, not
+    UTF-8 JSON, or not an object (a damaged download)."""
     path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise InputError(f"{path} cannot be read as JSON ({why}); download or save the model folder again") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path} holds a JSON {type(value).__name__}, not an object; download or save the model "
+                         "folder again")
+    return value
 
 
 def check_architecture(config: dict, where: str, user: str = "pistill") -> str:

@@ -38,8 +38,12 @@ PROBE_TOKENS = 8
 
 try:
     from pistill.errors import UserError
-except ImportError:  # run as a script before pistill is installed
+    from pistill.rundir import scratch
+except ImportError:  # run as a script before pistill is installed (to install, which never probes)
     UserError = RuntimeError
+
+    def scratch(prefix: str):
+        return tempfile.TemporaryDirectory(prefix=f"pistill-{prefix}-")
 
 
 class LlamaBuildError(UserError):
@@ -283,7 +287,7 @@ def probe(force: bool = False, child: list[str] | None = None) -> ProbeResult:
     record = cache_dir() / "llama-probe" / f"{key}.json"
     if not force and child is None and record.is_file():
         return ProbeResult(**json.loads(record.read_text()))
-    with tempfile.TemporaryDirectory(prefix="pistill-llama-probe-") as tmp:
+    with scratch("llama-probe") as tmp:
         path = write_tiny_gguf(Path(tmp) / "tiny-q4_0.gguf")
         cmd = child or [sys.executable, "-m", "pistill.llama_build", "--decode", str(path)]
         result = run_child(cmd)

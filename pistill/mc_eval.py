@@ -39,28 +39,52 @@ def parse_item(row: dict, suffix: str = "") -> MCItem:
     """A jsonl row in the standard layout {query, choices, gold} or the HellaSwag one {activity_label, ctx, endings,
     label} (context = activity_label + ": " + ctx); `suffix` is appended to the context (e.g. "\\nAnswer:")."""
     if {"query", "choices", "gold"} <= row.keys():
-        return MCItem(row["query"] + suffix, tuple(row["choices"]), int(row["gold"]))
+        return MCItem(_text(row, "query") + suffix, _choices(row, "choices"), _gold(row["gold"], "gold"))
     if {"activity_label", "ctx", "endings", "label"} <= row.keys():
-        return MCItem(f"{row['activity_label']}: {row['ctx']}{suffix}", tuple(row["endings"]), int(row["label"]))
+        return MCItem(f"{_text(row, 'activity_label')}: {_text(row, 'ctx')}{suffix}", _choices(row, "endings"),
+                      _gold(row["label"], "label"))
     raise InputError(f"multiple-choice row with keys {sorted(row)} has neither layout; expected "
                      "{query, choices, gold} or {activity_label, ctx, endings, label}")
 
 
+def _text(row: dict, key: str) -> str:
+    if not isinstance(row[key], str):
+        raise InputError(f"'{key}' is a JSON {type(row[key]).__name__}, not a string")
+    return row[key]
+
+
+def _choices(row: dict, key: str) -> tuple[str, ...]:
+    value = row[key]
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise InputError(f"'{key}' must be a list of strings, got {json.dumps(value)[:80]}")
+    return tuple(value)
+
+
+def _gold(value, key: str) -> int:
+    """The right choice's index: an integer, or a string of digits (HellaSwag's label "2")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdecimal():
+        return int(value)
+    raise InputError(f"'{key}' = {json.dumps(value)[:40]} is not the index of a choice (an integer)")
+
+
 def read_items(path: str | Path, limit: int = 0, suffix: str = "") -> list[MCItem]:
-    """The first `limit` items (all if 0) of a multiple-choice jsonl file."""
+    """The first `limit` items (all if 0) of a multiple-choice jsonl file; InputError naming the file and line."""
     items = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in _lines(Path(path)):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {n} is not JSON ({e}); write one item per line") from None
+            raise InputError(f"{path} line {n} is not JSON ({e.msg} at column {e.colno}); write one item per "
+                             "line") from None
         if not isinstance(row, dict):
             raise InputError(f"{path} line {n} is a JSON {type(row).__name__}, not an item object")
         try:
             item = parse_item(row, suffix)
-        except (TypeError, ValueError) as e:  # a missing layout, a gold that is no integer...
+        except ValueError as e:  # a missing layout, a gold that is no integer...
             raise InputError(f"{path} line {n}: {e}") from None
         if not 0 <= item.gold < len(item.choices):
             raise InputError(f"{path} line {n}: gold {item.gold} is not an index of its {len(item.choices)} choices")
@@ -68,6 +92,23 @@ def read_items(path: str | Path, limit: int = 0, suffix: str = "") -> list[MCIte
         if limit and len(items) == limit:
             break
     return items
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 file, split at "\\n" only (a JSON string may hold U+2028)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"task file {path} cannot be read ({type(e).__name__}: {e.strerror}); make it a file you "
+                         "may read, or fix [eval] tasks") from None
+    out = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            out.append((n, raw.decode("utf-8-sig" if n == 1 else "utf-8")))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                             "save the file as UTF-8") from None
+    return out
 
 
 def encode_pair(tokenize: Callable[[str], list[int]], eos_id: int | None, context: str,

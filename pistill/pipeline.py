@@ -5,14 +5,15 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .artifact import MANIFEST, Artifact, ArtifactError, check_out, input_key
-from .rundir import clean_stale, locked
+from .errors import InputError
+from .rundir import atomic_write, clean_stale, locked, make_dir
+from .verify import problems
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,39 @@ def existing(out: Path) -> Artifact | None:
         return None
 
 
+class DamagedError(InputError):
+    """An artifact's file is missing or differs from its manifest's size or sha256."""
+
+
 def run_stage(st: Stage, inputs: Mapping[str, Artifact], cfg, out: Path, force: bool) -> tuple[Artifact, bool]:
-    """Run one stage on its inputs (taken by name from `inputs`, which may hold more) unless an artifact with the
-    same input key is already at `out`. Returns (artifact, ran)."""
+    """Run one stage on its inputs (taken by name from `inputs`, which may hold more) unless an intact artifact
+    with the same input key is already at `out` (a damaged one is rebuilt, with a warning). The inputs are checked
+    against their manifests first: DamagedError names a damaged file. Returns (artifact, ran)."""
     inputs, old = named(st, inputs), existing(out)
+    check_inputs(inputs)
     if old is not None and not force and old.key == input_key(st.name, cfg, st.keyed(inputs, cfg)):
-        return old, False
+        bad = problems(old)
+        if not bad:
+            return old, False
+        log.warning("%s; rebuilding the '%s' stage", bad[0], st.name)
     clean_stale(out.parent, f".{out.name}.tmp-*")  # left by a killed run; never a finished artifact
     return st.load().run(inputs, cfg, out), True
+
+
+def rerun_hint(stage_name: str, run_dir: Path) -> str:
+    """How to rebuild a stage's artifact: its subcommand, or `pistill run --force`."""
+    command = BY_NAME[stage_name].command if stage_name in BY_NAME else ""
+    alone = f"pistill {command} {run_dir}, or " if command else ""
+    return f"rebuild it with {alone}pistill run RECIPE --force {stage_name}"
+
+
+def check_inputs(inputs: Mapping[str, Artifact]) -> None:
+    """DamagedError naming the first damaged input file and the stage that wrote it."""
+    for art in inputs.values():
+        bad = problems(art)
+        if bad:
+            raise DamagedError(f"{bad[0]} (changed after the '{art.stage}' stage wrote it); "
+                               f"{rerun_hint(art.stage, art.path.parent)}")
 
 
 def named(st: Stage, inputs: Mapping[str, Artifact]) -> dict[str, Artifact]:
@@ -105,6 +131,8 @@ def run(configs: dict, out: Path, force: str | None = None) -> dict[str, Artifac
     with locked(out):
         for st in STAGES:
             check_out(out / st.name, st.name)
+        if force or existing(out / "bench") is None:  # the bench will run: reach its devices before building
+            configs["bench"].check_devices()
         clean_stale(out, ".pipeline.json.tmp-*")
         return _run_locked(configs, out, force)
 
@@ -132,8 +160,5 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a text file atomically (temp file, then rename; never through a link)."""
+    atomic_write(make_dir(path.parent) / path.name, text)

@@ -18,6 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .compress.vocab import check_corpus
 from .errors import UserError
 from .pipeline import STAGES, Stage
 
@@ -52,15 +53,17 @@ class Recipe:
 
 def load(path: str | Path) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist; pass a TOML file such as recipes/default.toml")
     try:
+        if not path.is_file():  # a folder, or a FIFO that would block the read
+            what = "is not a file" if path.exists() else "does not exist"
+            raise RecipeError(f"recipe {path} {what}; pass a TOML file such as recipes/default.toml")
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"recipe {path} is not valid TOML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"recipe {path} cannot be read ({type(e).__name__}); check that it is a UTF-8 text file "
-                          "you may read") from None
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise RecipeError(f"recipe {path} cannot be read ({why}); check that it is a UTF-8 text file you may "
+                          "read") from None
     return from_dict(doc, path)
 
 
@@ -75,16 +78,28 @@ def from_dict(doc: dict, path: Path | None = None) -> Recipe:
         if not isinstance(value, str) or not value.strip():
             raise RecipeError(f"'{key}' must be a non-empty string, got {_tname(value)} ({value!r})")
     configs = {name: build_config(stage, doc.get(name, {})) for name, stage in stages.items()}
-    for name, cfg in configs.items():
-        if hasattr(cfg, "validate_paths"):
-            try:
-                cfg.validate_paths()
-            except ValueError as e:
-                raise RecipeError(f"[{name}] {e}") from None
+    check_files(configs)
     check_across(configs)
     default_name = path.stem if path else "recipe"
     out = os.path.expanduser(doc.get("out", f"runs/{default_name}"))  # `~/runs/x`, not a folder named ~
     return Recipe(doc.get("name", default_name), out, configs, path, build_config(SEARCH, doc.get(SEARCH.name, {})))
+
+
+def check_files(configs: dict) -> None:
+    """Every file a table names exists and reads as its stage will read it ([eval] tasks, [data] corpus and prompts,
+    [prune] vocab_corpus), so that a bad line fails at load, before any run folder or model, not at stage 10."""
+    for name, cfg in configs.items():
+        try:
+            if hasattr(cfg, "validate_paths"):
+                cfg.validate_paths()
+            if name == "prune" and cfg.vocab_corpus:  # PruneConfig.validate_paths checks only that it exists
+                check_corpus(Path(cfg.vocab_corpus))
+        except OSError as e:  # a name too long for the file system, a folder we may not search
+            where = str(e.filename or "")
+            raise RecipeError(f"[{name}] path {where[:60]}{'...' if len(where) > 60 else ''} cannot be checked "
+                              f"({e.strerror or type(e).__name__}); fix the path") from None
+        except ValueError as e:
+            raise RecipeError(str(e) if str(e).startswith(f"[{name}]") else f"[{name}] {e}") from None
 
 
 def check_across(configs: dict) -> None:

@@ -12,6 +12,7 @@ report and sibling run folders').
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,8 @@ from .export.gguf import gguf_quant
 from .pipeline import STAGES
 from .report_table import busy_warning, table_columns
 from .zeroshot import read_eval
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3  # 2: devices, history; 3: baseline rows, zero-shot accuracy, speed-up by runtime and type, front
 SPECULATIVE = "speculative"  # bench.json's key (device/local.py) of the teacher's GGUF with the student's as draft
@@ -273,12 +276,32 @@ def snapshot(run_dir: Path, rows: list[dict], created: str) -> dict:
             "rows": [{k: r.get(k) for k in keep} for r in rows]}
 
 
+def _is_snapshot(h) -> bool:
+    """Whether `h` has what the history table and chart read: as `snapshot` writes it."""
+    return isinstance(h, dict) and all(isinstance(h.get(k), str) for k in ("path", "created", "run")) and \
+        isinstance(h.get("rows"), list) and all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                                for r in h["rows"])
+
+
 def _own_history(report_json: Path, path: str) -> list[dict]:
+    """The well-formed snapshots of run `path` in an earlier report.json. A file that is not a UTF-8 JSON object
+    with a list of snapshots is skipped with a warning naming it: another run's damaged report must not stop this
+    one."""
     try:
-        old = json.loads(report_json.read_text())
-    except (OSError, json.JSONDecodeError):
+        old = json.loads(report_json.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return []
-    return [h for h in old.get("history") or [] if isinstance(h, dict) and h.get("path") == path]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 JSON: {type(e).__name__}"
+        log.warning("report: skipped %s in the history (%s); rerun that run's report or delete the file",
+                    report_json, why)
+        return []
+    history = old.get("history") if isinstance(old, dict) else None
+    if not isinstance(history, list):
+        log.warning("report: skipped %s in the history (a JSON %s without a list of snapshots); rerun that run's "
+                    "report or delete the file", report_json, type(old).__name__)
+        return []
+    return [h for h in history if _is_snapshot(h) and h["path"] == path]
 
 
 def history(out: Path, current: dict) -> list[dict]:

@@ -9,6 +9,9 @@ than `skip_margin` is skipped (recorded, not built). Every other trial runs the 
 on the target and scored (held-out perplexity and KL of the file, zero-shot accuracy on the recipe's tasks), and its
 measurement refits the predictor.
 
+First each device of the target is reached and probed as `pistill doctor` does (`BenchConfig.check_devices`), so an
+unreachable or untrusted device fails in seconds, not after the teacher's reference files are built.
+
 Everything is an artifact: the teacher, the data and the distillation teacher once in `<out>/shared`, each trial's
 stages in `<out>/trials/<params hash>` (content-keyed: a finished stage is skipped), the study in `<out>/study.db`
 (SQLite). Once a trial is measured its pruned and distilled models and unquantized GGUF are removed (`keep_trials`
@@ -35,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .artifact import Artifact, config_dict
+from .artifact import MANIFEST, Artifact, config_dict, read_manifest
 from .errors import OutputError, UsageError, UserError
+from .rundir import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +113,8 @@ class SearchConfig:
         if self.objective == "accuracy" and self.eval_items == 0:
             raise ValueError("objective = 'accuracy' needs zero-shot items: set eval_items > 0, or objective = 'bpb'")
         for name in ("eval_items", "min_decode_tok_s", "max_memory_mb", "skip_margin"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} = {getattr(self, name)} must be 0 or more")
+            if not getattr(self, name) >= 0 or getattr(self, name) == float("inf"):  # also NaN
+                raise ValueError(f"{name} = {getattr(self, name)} must be a finite number, 0 or more")
 
 
 # --- the space ----------------------------------------------------------------------------------------------------
@@ -576,8 +580,25 @@ def clean_trial(folder: Path, export: str) -> None:
         for p in made.path.glob("*.gguf"):
             if p != made.model_path():
                 freed += _remove(p)
+    for name in (*TRIAL_STAGES, export):
+        if (folder / name / MANIFEST).is_file():
+            unlist_removed(folder / name)
     log.info("search: removed %s of intermediate files from %s (keep them with [search] keep_trials = true)",
              _mb(freed), folder)
+
+
+def unlist_removed(folder: Path) -> None:
+    """Rewrite an artifact's manifest to list only the files still there (and say what went), so that the check
+    before each use (pipeline.run_stage) sees an intact, slimmed artifact rather than a damaged one."""
+    mf = folder / MANIFEST
+    manifest = read_manifest(mf)
+    files = manifest.get("files", {})
+    kept = {n: f for n, f in files.items() if (folder / n).is_file()}
+    if len(kept) == len(files):
+        return
+    manifest["files"] = kept  # what went keeps its size and sha256 under "removed" (a rebuild can be compared)
+    manifest["removed"] = {**manifest.get("removed", {}), **{n: f for n, f in files.items() if n not in kept}}
+    atomic_write(mf, json.dumps(manifest, indent=2) + "\n")
 
 
 def _remove(path: Path) -> int:
@@ -678,6 +699,7 @@ def run_search(rec, cfg: SearchConfig, out: Path, bench) -> Path:
     from .rundir import locked
 
     t0 = time.time()
+    bench.check_devices()  # an unreachable, untrusted or python-less device fails now, not after the references
     with locked(out):
         s = Search(rec, cfg, out, bench)
         space = s.prepare()

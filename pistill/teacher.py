@@ -10,6 +10,7 @@ from typing import ClassVar
 from .artifact import Artifact, ArtifactWriter
 from .models import (DEFAULT_TEACHER, check_architecture, check_source, count_params, load_model, materialize,
                      read_config, save_model, weight_bytes)
+from .rundir import check_free
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class TeacherConfig:
             raise ValueError(f"dtype '{self.dtype}' is not supported; use float32, bfloat16 or float16")
 
     def validate_paths(self) -> None:
-        """Fail fast (no weights loaded) when the source cannot be found."""
+        """Fail fast (no weights loaded) when the source cannot be found, or is an empty, truncated or non-GGUF
+        .gguf file."""
         check_source(self.source)
 
 
@@ -35,6 +37,8 @@ def run(inputs: Mapping[str, Artifact], cfg: TeacherConfig, out: Path) -> Artifa
         folder = materialize(cfg.source)
         check_architecture(read_config(folder), str(folder))
         model = load_model(folder, cfg.dtype)
+        # safetensors: the parameters at the saved dtype's width (a tied embedding counted once), tokenizer aside
+        check_free(out, count_params(model) * model.dtype.itemsize, "the teacher folder")
         save_model(model, folder, w.dir)
         w.model = {"format": "hf", "file": "."}
         w.metrics.update(params=count_params(model), bytes=weight_bytes(w.dir),

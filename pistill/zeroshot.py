@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from .artifact import Artifact, ArtifactWriter
-from .errors import UserError
+from .errors import InputError, UserError
+from .mc_eval import read_items
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,16 @@ class EvalConfig:
             raise ValueError(f"threads = {self.threads} must be 0 or more (0 = every core)")
 
     def validate_paths(self) -> None:
-        """Every task file exists (called when a recipe is loaded)."""
+        """Every task file exists and every line of it is an item (called when a recipe is loaded, so that a bad
+        line fails then, not at the eval stage); InputError naming the file, the line and the problem."""
         for spec in self.tasks:
             path = task(spec).path
             if not path.is_file():
-                raise ValueError(f"task file {path} does not exist; fix [eval] tasks")
+                what = "is not a file" if path.exists() else "does not exist"
+                raise InputError(f"task file {path} {what}; fix [eval] tasks")
+            if not read_items(path):
+                raise InputError(f"task file {path} holds no item; write one JSON item a line, or remove it from "
+                                 "[eval] tasks")
 
 
 # --- one model ------------------------------------------------------------------------------------------------------
@@ -127,8 +133,6 @@ def _line(key: str, result: dict) -> str:
 # --- stage ------------------------------------------------------------------------------------------------------------
 
 def load_tasks(cfg: EvalConfig) -> tuple[dict[str, Task], dict[str, list]]:
-    from .mc_eval import read_items
-
     tasks = {t.name: t for t in map(task, cfg.tasks)}
     return tasks, {name: read_items(t.path, cfg.items, cfg.suffix) for name, t in tasks.items()}
 

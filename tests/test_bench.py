@@ -97,6 +97,44 @@ def test_fleet_from_target_targets_or_inventory(tmp_path):
         BenchConfig(inventory=str(tmp_path / "none.txt")).validate_paths()
 
 
+@pytest.mark.parametrize("line, message", [
+    ('target = ","', '[bench] target = "," names no device; write "local", "user@host" or a Host alias'),
+    ('target = "  "', '[bench] target = "  " names no device'),
+    ('targets = ["", " "]', '[bench] targets[0] = "" names no device'),
+    ('targets = ["pi@a", ","]', '[bench] targets[1] = "," names no device'),
+    ('targets = ["pi@a", "pi@b,pi@c"]', "[bench] targets[1]: target 'pi@b,pi@c' is not understood; use \"local\""),
+    ('target = "pi@a\\n"', "[bench] target 'pi@a\\n' is not understood"),  # `$` would have let the newline in
+])
+def test_empty_target_is_refused_at_recipe_load(tmp_path, line, message):
+    """An empty device (it used to benchmark nothing or fail late) is a recipe error naming the key."""
+    from pistill import recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(f"[bench]\n{line}\n")
+    with pytest.raises(recipe.RecipeError) as err:
+        recipe.load(path)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value) and err.value.exit_code == 2
+
+
+def test_a_device_whose_ssh_config_entry_is_bad_fails_alone(tmp_path, monkeypatch):
+    """`Port abc` for one device of a fleet: that device's one-line error, not an exception out of its thread (which
+    would lose the other devices' results)."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from pistill.device import fleet, target
+
+    config = tmp_path / "ssh_config"
+    config.write_text("Host bad\n  Port abc\n")
+    monkeypatch.setattr(target, "USER_SSH_CONFIG", config)
+    device = fleet.bench_remote("bad", {}, QUICK, Progress(console=Console(file=io.StringIO())))
+    assert device["error"] == (f"{config}: Port 'abc' for bad is not a port number; write one from 1 to 65535 "
+                               "(ssh's is 22)")
+    assert fleet.reach("bad", QUICK) == {"error": device["error"]}
+
+
 def test_bench_model_times_out(teacher):
     out = bench_model(teacher, dataclasses.replace(QUICK, timeout_s=1))  # importing torch alone takes longer
     assert out == {"error": "timed out after 1 s (BenchConfig.timeout_s)", "runtime": "torch"}

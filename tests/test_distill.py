@@ -366,6 +366,31 @@ def test_training_through_fake_quantized_weights_moves_them_and_lowers_the_loss(
         assert torch.equal(fq(m.weight), m.weight) and not torch.equal(m.weight, fq(m0.weight))
 
 
+def test_a_resumed_progress_bar_shows_the_last_logged_loss_never_nan(teacher, student_dir, tmp_path, capfd):
+    """Killed after its last checkpoint (here: at the last step), a rerun resumes with no step left: its bar shows
+    the loss the log ends with (an eval row after it is passed over), not a running loss of zero steps (nan)."""
+    cfg = DistillConfig(steps=2, warmup_steps=1, batch_size=2, eval_every=1, eval_blocks=1, ckpt_every=2)
+    data = blocks()
+    first = train(load(student_dir), teacher, data, data[:2], cfg, tmp_path)
+    assert "eval_loss" in json.loads((tmp_path / TRAIN_LOG).read_text().splitlines()[-1])
+    capfd.readouterr()
+    again = train(load(student_dir), teacher, data, data[:2], cfg, tmp_path)
+    bar = capfd.readouterr().err
+    assert again["loss_last"] == first["loss_last"] and "2/2" in bar
+    assert f"loss {first['loss_last']:.4f}" in bar and "nan" not in bar.lower()
+
+
+@pytest.mark.parametrize("rows, want", [
+    ([], {"loss": "", "tps": ""}),  # a fresh run before its first step: blank
+    ([{"step": 1, "loss": 2.5, "tokens_per_s": 99.6}, {"step": 1, "eval_loss": 3.0}],
+     {"loss": "loss 2.5000", "tps": "100 tok/s"}),
+    ([{"step": 1, "loss": float("nan"), "tokens_per_s": float("inf")}], {"loss": "", "tps": ""}),
+    ([{"step": 4, "loss": "2.5"}], {"loss": "", "tps": ""}),  # a hand-edited log: blank, not a crash
+])
+def test_bar_fields(rows, want):
+    assert distill.bar_fields(rows) == want
+
+
 def test_checkpoint_of_another_config_is_not_resumed(teacher, student_dir, tmp_path):
     data = blocks()
     train(load(student_dir), teacher, data, data[:2], DistillConfig(steps=2, ckpt_every=2, eval_every=0), tmp_path)

@@ -291,3 +291,25 @@ def test_speculative_row_error(pipeline, tmp_path):
     md = art.file("report.md").read_text()
     assert f"- **speculative failed**: {error}" in md and "drafted tokens accepted" not in md
     assert "| teacher GGUF Q4_K_M + student draft (speculative) | – | – | 1.260 | 26.00 |" in md
+
+
+def test_damaged_sibling_reports_are_skipped_with_a_warning(pipeline, tmp_path, caplog):
+    """A sibling run's report.json that is not UTF-8, not a JSON object, or holds broken snapshots does not stop this
+    run's report: each is skipped with a warning naming it; a good sibling's history is still read."""
+    from pistill.report_gather import snapshot
+
+    runs = tmp_path / "runs"
+    good = snapshot(runs / "good", [{"key": "gguf", "stage": "gguf", "name": "student GGUF"}], "2020-01-01T00:00:00Z")
+    broken = {**snapshot(runs / "snap", [], "2020-01-02T00:00:00Z"), "rows": "x"}  # where a list of rows belongs
+    siblings = {"binary": b"\xff\xfe\x00 not utf-8", "list": b"[1, 2]", "nohistory": b'{"history": "x"}',
+                "snap": json.dumps({"history": [broken]}).encode(), "good": json.dumps({"history": [good]}).encode()}
+    for name, body in siblings.items():
+        (runs / name / "report").mkdir(parents=True)
+        (runs / name / "report" / "report.json").write_bytes(body)
+    art = run(named(pipeline), ReportConfig(formats=["json"]), runs / "mine" / "report")
+    hist = json.loads(art.file("report.json").read_text())["history"]
+    assert [h["run"] for h in hist] == ["good", "mine"]  # the broken snapshot is left out, the good one kept
+    warned = {r.getMessage() for r in caplog.records if r.levelname == "WARNING"}
+    for name in ("binary", "list", "nohistory"):
+        path = runs / name / "report" / "report.json"
+        assert any(m.startswith(f"report: skipped {path} in the history (") for m in warned), (name, warned)

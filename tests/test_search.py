@@ -121,7 +121,7 @@ def test_budget_checks_and_constraints():
     ({"quants": []}, "quants is empty"),
     ({"objective": "speed"}, "objective = 'speed' is unknown"),
     ({"objective": "accuracy", "eval_items": 0}, "needs zero-shot items"),
-    ({"min_decode_tok_s": -1}, "min_decode_tok_s = -1 must be 0 or more"),
+    ({"min_decode_tok_s": -1}, "min_decode_tok_s = -1 must be a finite number, 0 or more"),
     ({"vocab": [9000, 8000]}, "vocab = [9000, 8000] must be [fewest, most]"),
     ({"vocab": [8192]}, "vocab = [8192] must be [fewest, most]"),
     ({"mend": ["none", "none"]}, "mend = ['none', 'none'] repeats a choice"),
@@ -479,7 +479,8 @@ def test_pistill_run_of_best_toml_reproduces_the_trial(searched):
     assert p.returncode == 0, p.stderr[-3000:]
     trial = out / "trials" / chosen["folder"]
     for stage in ("prune", "distill"):
-        a, b = (json.loads((d / stage / "manifest.json").read_text())["files"] for d in (trial, tmp / "again"))
+        a, b = ({**m["files"], **m.get("removed", {})}  # a measured trial's manifest lists what it removed
+                for m in (json.loads((d / stage / "manifest.json").read_text()) for d in (trial, tmp / "again")))
         assert a["model.safetensors"]["sha256"] == b["model.safetensors"]["sha256"], stage
 
 
@@ -510,3 +511,47 @@ def test_search_on_a_fleet_of_two_ssh_devices(deep_model, sshd_factory, tmp_path
         speeds = [d["results"]["gguf"]["decode_tps"] for d in devices.values()]
         assert len(speeds) == 2 and t["measured"]["decode_tps"] == pytest.approx(min(speeds))
         assert measured(art, 1)["decode_tps"] == pytest.approx(min(speeds))
+
+
+def test_search_checks_every_device_before_building_anything(sshd_factory, tmp_path, monkeypatch):
+    """An untrusted or non-SSH device fails the search in seconds, before the teacher or a reference file is built
+    (it used to fail after minutes of building); a python that does not run fails the same way."""
+    from test_fleet import trusted
+    from test_target import not_ssh
+
+    from pistill.device.target import TargetError
+    from pistill.search import run_search
+
+    (up,) = trusted(sshd_factory("up"), tmp_path=tmp_path, monkeypatch=monkeypatch)
+    rec = recipe.from_dict({})
+    ok = dataclasses.replace(rec.configs["bench"], targets=[up.spec], python=sys.executable)
+    assert ok.check_devices()[up.spec]["python"]["executable"] == sys.executable  # trusted: facts, nothing raised
+    with pytest.raises(TargetError, match=rf"^{up.spec}: /no/python is not there or does not run; install python3"):
+        dataclasses.replace(ok, python="/no/python").check_devices()
+    (tmp_path / "known_hosts").write_text("")  # reachable, but its host key is no longer trusted
+    with not_ssh(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
+        bench = dataclasses.replace(ok, targets=[up.spec, f"pi@127.0.0.1:{port}"])
+        t0 = time.monotonic()
+        with pytest.raises(TargetError) as err:
+            run_search(rec, rec.search, tmp_path / "s", bench)
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "s").exists()  # nothing built, no folder made
+    msg = str(err.value)
+    assert msg.startswith("2 of 2 devices cannot be used: ") and "\n" not in msg
+    assert f"pistill trust {up.spec} --accept-host-key SHA256:" in msg
+    assert f"pi@127.0.0.1:{port} accepted a TCP connection but did not answer as an SSH server" in msg
+
+
+def test_cli_search_on_a_host_that_does_not_speak_ssh(tmp_path):
+    from test_target import not_ssh
+
+    (tmp_path / "r.toml").write_text('name = "r"\n')
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    with not_ssh(b"SMTP ready\r\n") as port:
+        p = subprocess.run([sys.executable, "-m", "pistill.cli", "search", str(tmp_path / "r.toml"), "--target",
+                            f"pi@127.0.0.1:{port}", "--out", str(tmp_path / "s")], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT, env=env)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "paramiko" not in p.stderr, p.stderr
+    assert p.stderr.splitlines() == [(f"pistill: error: pi@127.0.0.1:{port} accepted a TCP connection but did not "
+                                         "answer as an SSH server (it closed the connection without an SSH banner); "
+                                         "check the host and port")], p.stderr
+    assert not (tmp_path / "s").exists()

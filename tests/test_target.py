@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -72,6 +75,68 @@ def test_jump_chain(ssh_config):
 def test_bad_specs(spec):
     with pytest.raises(ValueError, match="is not understood"):
         T.check_spec(spec)
+
+
+@pytest.mark.parametrize("config, spec, match", [
+    ("Host pi\n  Port abc\n", "pi", r"config: Port 'abc' for pi is not a port number; write one from 1 to 65535"),
+    ("Host pi\n  Port 70000\n", "pi@pi:2222", r"Port '70000' for pi@pi:2222 is not a port number"),  # read anyway
+    ("Host pi\n  Port \uff12\uff12\n", "pi", "Port '\uff12\uff12' for pi is not a port number"),  # int() takes it
+    ("Host pi\n  ServerAliveInterval x\n", "pi", r"ServerAliveInterval 'x' for pi is not a time; write seconds"),
+    ("Host pi\n  ServerAliveInterval -5\n", "pi", r"ServerAliveInterval '-5' for pi is not a time"),
+    ("Host pi\n  HostName a..b\n", "pi", r"HostName 'a..b' for pi is not a valid host name \(a dot-separated part "
+                                        r"is empty or over 63 characters\); fix the name"),
+    (f"Host pi\n  HostName {'a' * 70}.lan\n", "pi", r"HostName 'a{70}.lan' for pi is not a valid host name"),
+    ("", "pi@a..b", r"host 'a..b' of target 'pi@a..b' is not a valid host name"),
+    ("", f"pi@{'x' * 70}", r"host 'x{70}' of target 'pi@x{70}' is not a valid host name"),
+    ("Host pi\n  HostName \"a b\"\n", "pi", r"HostName 'a b' for pi is not a valid host name \(it holds spaces"),
+    ("Host pi\n  ProxyJump bastion,-oProxyCommand=x\n", "pi",
+     r"ProxyJump 'bastion,-oProxyCommand=x' for pi: hop '-oProxyCommand=x' is not understood"),
+    ("Host pi\n  ProxyJump a,,b\n", "pi", r"ProxyJump 'a,,b' for pi: hop '' is not understood"),
+    ("Host pi\n  Port\n", "pi", r"config: Unparsable line Port; fix that line \(`ssh -G pi`"),
+    ("Host pi\n  UserKnownHostsFile /tmp/a\x01b\n", "pi", r"UserKnownHostsFile '/tmp/a\\x01b' for pi holds control"),
+])
+def test_bad_ssh_config_values_are_one_line_usage_errors(tmp_path, config, spec, match):
+    """A value ssh would refuse fails where it is read, naming the option and the fix, not as ValueError,
+    UnicodeError (getaddrinfo's idna codec) or a traceback later."""
+    path = tmp_path / "config"
+    path.write_text(config)
+    with pytest.raises(T.UsageError, match=match) as err:
+        T.parse_target(spec, path)
+    assert "\n" not in str(err.value) and err.value.exit_code == 2
+
+
+def test_ssh_config_that_is_not_text_is_one_line(tmp_path):
+    path = tmp_path / "config"
+    path.write_bytes(b"Host pi\n  HostName \xff\xfe\n")
+    with pytest.raises(T.UsageError, match=r"ssh_config .*config cannot be read \(UnicodeDecodeError: .*\); check "
+                                           r"that it is a UTF-8 text file"):
+        T.parse_target("pi", path)
+
+
+@pytest.mark.parametrize("value, seconds", [("30", 30), ("1m30s", 90), ("2M", 120), ("0", T.KEEPALIVE_S)])
+def test_server_alive_interval_in_ssh_time_format(tmp_path, value, seconds):
+    path = tmp_path / "config"
+    path.write_text(f"Host pi\n  ServerAliveInterval {value}\n  ProxyJump ssh://bob@jump:2200\n")
+    t = T.parse_target("pi", path)
+    assert t.keepalive_s == seconds and t.proxy_jump == "bob@jump:2200"  # an ssh:// URI hop, as OpenSSH takes it
+    assert T.jump_target(t, path).port == 2200
+
+
+@pytest.mark.parametrize("config, spec, loop", [
+    ("Host pi\n  ProxyJump pi\n", "pi", "pi -> pi"),  # used to be a RecursionError
+    ("Host *\n  ProxyJump bastion\n", "pi@10.0.0.5", "pi@10.0.0.5 -> bastion -> bastion"),  # Host * reaches the jump
+    ("Host a\n  ProxyJump b\nHost b\n  ProxyJump a\n", "a", "a -> b -> a"),
+])
+def test_proxy_jump_loop_is_refused_before_connecting(tmp_path, config, spec, loop):
+    path = tmp_path / "config"
+    path.write_text(config)
+    t0 = time.monotonic()
+    for call in (lambda t: T.connect(t, ssh_config=path, timeout_s=1), lambda t: T.host_key(t, path, timeout_s=1)):
+        with pytest.raises(T.UsageError, match=r"the ProxyJump chain of .* loops \(" + loop.replace(".", r"\.")
+                           + r"\); give the jump host its own `ProxyJump none`") as err:
+            call(T.parse_target(spec, path))
+        assert "\n" not in str(err.value)
+    assert time.monotonic() - t0 < 1  # nothing was dialled
 
 
 def test_missing_named_ssh_config(tmp_path):
@@ -187,6 +252,97 @@ def test_unreachable_device(sshd_factory):
     down = sshd_factory("down", run=False)
     with pytest.raises(T.TargetError, match=f"cannot reach 127.0.0.1:{down.port}"):
         T.connect(server_target(down), down.known_hosts, timeout_s=5)
+
+
+RESET = "reset"  # for `not_ssh`: read the client's banner, then reset the connection (SO_LINGER 0)
+
+
+@contextlib.contextmanager
+def not_ssh(reply: bytes | str | None):
+    """A real TCP listener on 127.0.0.1 that is not an SSH server; yields its port. Each connection gets `reply` and
+    an orderly close, or RESET, or with None, hears nothing and stays open."""
+    srv, stop, held = socket.create_server(("127.0.0.1", 0)), threading.Event(), []
+    srv.settimeout(0.1)
+
+    def answer(conn):
+        try:
+            if reply == RESET:
+                conn.recv(4096)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                conn.sendall(reply)
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(5)
+                while conn.recv(4096):  # until the client hangs up: its unread banner would make a reset
+                    pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:  # the accept timeout: look at `stop` again
+                continue
+            if reply is None:
+                held.append(conn)
+            else:
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in [srv, *held]:
+            conn.close()
+
+
+@pytest.mark.parametrize("reply, why", [
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "it closed the connection without an SSH banner"),
+    (b"\xff\xfb\x01\xff\xfb\x03login: \n", "it sent binary data, not an SSH banner"),  # a telnet server
+    (RESET, "it closed the connection without an SSH banner"),
+    (None, "no SSH banner within 1 s"),  # bounded by the timeout, not paramiko's 15 s per line
+])
+def test_host_that_does_not_speak_ssh_is_one_line(tmp_path, caplog, reply, why):
+    """paramiko's transport thread logs the failure at ERROR with its traceback (about 30 lines before the error);
+    that goes to DEBUG (-v shows it), and the error is one line."""
+    (tmp_path / "config").write_text("")
+    with not_ssh(reply) as port, caplog.at_level(logging.INFO):
+        tgt = T.parse_target(f"pi@127.0.0.1:{port}", tmp_path / "config")
+        t0 = time.monotonic()
+        for call in (lambda: T.connect(tgt, tmp_path / "kh", timeout_s=1), lambda: T.host_key(tgt, timeout_s=1)):
+            with pytest.raises(T.TargetError) as err:
+                call()
+            assert str(err.value) == (f"pi@127.0.0.1:{port} accepted a TCP connection but did not answer as an SSH "
+                                      f"server ({why}); check the host and port")
+        assert time.monotonic() - t0 < 6
+        time.sleep(0.2)  # the transport threads' last words
+    assert not [r for r in caplog.records if r.name.startswith("paramiko") and r.levelno > logging.INFO]
+    assert "Traceback" not in caplog.text
+    with not_ssh(reply) as port, caplog.at_level(logging.DEBUG):  # -v
+        with pytest.raises(T.TargetError, match="did not answer as an SSH server"):
+            T.connect(T.parse_target(f"pi@127.0.0.1:{port}", tmp_path / "config"), tmp_path / "kh", timeout_s=1)
+        time.sleep(0.5)  # a silent host: its transport thread gives up after the error is raised
+    shown = [r for r in caplog.records if r.name == "paramiko.transport" and "Traceback" in r.getMessage()]
+    assert shown and all(r.levelno == logging.DEBUG for r in shown)
+
+
+def test_cli_doctor_on_a_host_that_does_not_speak_ssh_prints_one_line(tmp_path):
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}  # no other run's leftovers
+    with not_ssh(b"220 mail.example ESMTP\r\n") as port:  # e.g. the port of another service
+        runs = [subprocess.run([sys.executable, "-m", "pistill.cli", *v, "doctor", f"pi@127.0.0.1:{port}"],
+                               capture_output=True, text=True, timeout=60, env=env) for v in ([], ["-v"])]
+    quiet, verbose = runs
+    assert quiet.returncode == verbose.returncode == 1
+    assert quiet.stderr.splitlines() == [f"pistill: error: pi@127.0.0.1:{port} accepted a TCP connection but did not "
+                                         "answer as an SSH server (it closed the connection without an SSH banner); "
+                                         "check the host and port"], quiet.stderr
+    assert "DEBUG    Exception (client)" in verbose.stderr  # paramiko's own account, at DEBUG
 
 
 def test_proxy_jump(sshd, tmp_path):

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from pistill.artifact import config_dict
+from pistill.errors import InputError
 from pistill.mc_eval import read_items
 from pistill.zeroshot import SHIPPED, TASKS_DIR, EvalConfig, read_eval, run, task
 from tiny import gguf_baseline, model_artifact, named
@@ -48,6 +49,24 @@ def test_task_files_must_exist(tmp_path):
     with pytest.raises(ValueError, match="does not exist; fix \\[eval\\] tasks"):
         EvalConfig(tasks=[str(tmp_path / "none.jsonl")]).validate_paths()
     EvalConfig().validate_paths()  # the shipped ones are there
+
+
+def test_every_line_is_checked_even_past_items(tmp_path):
+    """`--eval-items 0` may ask for more lines than the recipe's items: a bad line anywhere fails at load."""
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps({**ROWS[1], "gold": "first"}) + "\n")
+    with pytest.raises(InputError, match=r"mine.jsonl line 3: 'gold' = \"first\" is not the index of a choice"):
+        EvalConfig(tasks=[str(path)], items=1).validate_paths()
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[3]) + "\n")
+    EvalConfig(tasks=[str(path)], items=1).validate_paths()
+
+
+def test_the_stage_refuses_a_file_spoilt_after_load_before_writing(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + "caf\u00e9".encode("latin-1") + b"\n")
+    with pytest.raises(InputError, match=r"mine.jsonl line 2 is not UTF-8 \(byte 0xe9 at column 4\)"):
+        run({}, EvalConfig(tasks=[str(path)]), tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
 
 
 @pytest.mark.parametrize("name", list(SHIPPED))
