@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python pistill/llama_build.py --python $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,deploy]"
 	touch $@
 
 # llama-cpp-python is built here, natively but without AMX (its kernels crash on Q4_0 files; see

@@ -8,6 +8,7 @@ import faulthandler
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -57,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("run_dir", help="run folder (or one artifact folder)")
     _search_parser(sub)
     _device_parsers(sub)
+    _deploy_parsers(sub)
     return p
 
 
@@ -86,6 +88,39 @@ def _device_parsers(sub) -> None:
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _deploy_parsers(sub) -> None:
+    """`deploy`, `status`, `undeploy`: a model served on devices by llama-cpp-python's OpenAI-compatible server."""
+    d = sub.add_parser("deploy", help="serve a model on a device (OpenAI-compatible API): checked before and after an "
+                       "atomic switch, rolled back on failure")
+    d.add_argument("run_dir", nargs="?", metavar="RUN_DIR|MODEL.gguf",
+                   help="run folder (its --model GGUF) or a .gguf file; none with --rollback")
+    d.add_argument("--model", help="which GGUF of the run folder: student (default), baseline, baseline:Q8_0 ...")
+    d.add_argument("--port", type=int, help="the service's port on the device (default 8080)")
+    d.add_argument("--listen", help="address to listen on (default 127.0.0.1; others need an API key)")
+    key = d.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", help="file holding the API key clients must send")
+    key.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
+    d.add_argument("--ctx", type=int, help="context length in tokens (default 2048)")
+    d.add_argument("--threads", type=int, help="llama.cpp threads (default: llama-cpp-python's, half the cores)")
+    d.add_argument("--service", help="systemd-user, systemd, supervised or auto (default: the first that works)")
+    d.add_argument("--check-timeout", type=float, dest="check_timeout_s", metavar="S",
+                   help="seconds a server gets to load and answer its check (default 120)")
+    d.add_argument("--rollback", action="store_true", help="serve the previous release again")
+    s = sub.add_parser("status", help="what a device serves: model, port, pid, since, memory")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    u = sub.add_parser("undeploy", help="stop a served model and remove its service and releases")
+    for p in (d, s, u):
+        p.add_argument("--target", required=True, help="'local', user@host[:port], an ssh_config alias, or several "
+                       "joined by commas (the first deploys alone, as the canary)")
+        p.add_argument("--name", help="the deployment's name: its unit pistill-NAME and API model alias (default "
+                       "pistill)")
+        p.add_argument("--cache", help="the cache folder on the device (default ~/.cache/pistill)")
+        p.add_argument("--python", help="the device's python (default: pistill's venv there, as for the bench)")
+        p.add_argument("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")
+        p.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
+        p.add_argument("--accept-host-key", metavar="SHA256:...", help="trust the host key with this fingerprint")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-tensor bars; we show stages
@@ -98,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("doctor", "trust"):
             return {"doctor": _doctor, "trust": _trust}[args.command](args)
+        if args.command in ("deploy", "status", "undeploy"):
+            return {"deploy": _deploy, "status": _status, "undeploy": _undeploy}[args.command](args)
         if args.command == "search":
             return _search(args)
         if args.command == "verify":
@@ -345,6 +382,101 @@ def _trust(args) -> int:
               file=sys.stderr)
         return 1
     print(f"{tgt.host_key_name} {fp}: {'already in' if state == 'known' else 'added to'} {known}")
+    return 0
+
+
+def _deploy_setup(args):
+    """(targets, DeployConfig, SSHOptions) from the command line; UsageError for a bad value."""
+    from .device.deploy import DeployConfig, SSHOptions
+
+    specs = _target_specs(args.target)
+    if args.accept_host_key is not None and len(specs) > 1:
+        raise UsageError("--accept-host-key names one device's key; trust each device first (pistill trust TARGET)")
+    names = ("model", "port", "listen", "api_key_file", "api_key_env", "ctx", "threads", "service", "check_timeout_s",
+             "name", "cache", "python")
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    try:
+        cfg = DeployConfig(**given)
+    except ValueError as e:
+        raise UsageError(f"{args.command}: {e}") from None
+    return specs, cfg, SSHOptions(args.known_hosts, args.ssh_config, args.accept_host_key)
+
+
+def _deploy(args) -> int:
+    from .device import deploy
+
+    specs, cfg, ssh = _deploy_setup(args)
+    if args.rollback and args.run_dir is not None:
+        raise UsageError("--rollback serves the previous release again and takes no model; drop the model argument")
+    if args.rollback:
+        rows = [deploy.rollback(spec, cfg, ssh) for spec in specs]
+    elif args.run_dir is None:
+        raise UsageError("deploy needs a run folder or a .gguf file (or --rollback)")
+    elif len(specs) == 1:
+        rows = [deploy.deploy(args.run_dir, specs[0], cfg, ssh)]
+    else:
+        rows = list(deploy.deploy_fleet(args.run_dir, specs, cfg, ssh).values())
+    _deploy_table(rows)
+    for row in rows:
+        if "error" in row:
+            print(f"pistill: error: {_one_line(Exception(row['error']))}", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _deploy_table(rows: list[dict]) -> None:
+    """The summary per device, and how to reach a loopback endpoint through SSH."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("target", "model", "sha256", "service", "endpoint", "health", "TTFT s", "decode tok/s", "note")
+    for r in rows:
+        note = r.get("error") or ("uploaded nothing (already there)" if r.get("skipped")
+                                  else f"uploaded {r['uploaded_bytes'] / 1e6:.1f} MB" if "uploaded_bytes" in r else "")
+        table.add_row(r["target"], r.get("model", ""), (r.get("sha256") or "")[:12], r.get("service", ""),
+                      r.get("endpoint", ""), r.get("health", "[red]failed[/]" if "error" in r else ""),
+                      f"{r['ttft_s']:.3f}" if "ttft_s" in r else "", f"{r['decode_tps']:.1f}" if "decode_tps" in r
+                      else "", note)
+    console = Console(width=200)
+    console.print(table)
+    for r in rows:
+        if "error" not in r and r["target"] != "local" and r.get("endpoint", "").startswith("http://127.0.0.1:"):
+            port = r["endpoint"].rsplit(":", 1)[1].split("/")[0]
+            console.print(f"reach it: ssh -N -L {port}:127.0.0.1:{port} {r['target']}  then  curl "
+                          f"http://127.0.0.1:{port}/v1/models", highlight=False, soft_wrap=True)
+
+
+def _status(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .device import deploy
+
+    specs, cfg, ssh = _deploy_setup(args)
+    rows = [deploy.status(spec, cfg.name, ssh, cfg.cache, cfg.python) for spec in specs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table("target", "name", "running", "service", "endpoint", "sha256", "pid", "RSS MB", "since", "previous")
+    for r in rows:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"])) if r.get("since") else ""
+        table.add_row(r["target"], r["name"], "yes" if r.get("running") else "no" if r.get("deployed") else
+                      "not deployed", r.get("kind") or "", r.get("endpoint") or "", (r.get("sha256") or "")[:12],
+                      str(r.get("pid") or ""), f"{r['rss_mb']:.0f}" if r.get("rss_mb") else "", since,
+                      ((r.get("previous") or {}).get("sha256") or "")[:12])
+    Console(width=200).print(table)
+    return 0
+
+
+def _undeploy(args) -> int:
+    from .device import deploy
+
+    specs, cfg, ssh = _deploy_setup(args)
+    for spec in specs:
+        r = deploy.undeploy(spec, cfg.name, ssh, cfg.cache, cfg.python)
+        print(f"{spec}: {cfg.name} " + ("removed" + (" (its server stopped)" if r["stopped"] else "")
+                                        if r["removed"] else "was not deployed; nothing to remove"))
     return 0
 
 

@@ -12,6 +12,7 @@ SUBPACKAGES = PACKAGES[1:]  # the spine is every other pistill module
 SPINE_DEVICE_ALLOWED = {  # (spine module, device module): the spine's imports of device/ that remain, and why
     ("pistill.cli", "pistill.device.doctor"): "`pistill doctor` is a command of the CLI, which reaches every part",
     ("pistill.cli", "pistill.device.target"): "`pistill doctor` and `pistill trust` connect to a device",
+    ("pistill.cli", "pistill.device.deploy"): "`pistill deploy`, `status` and `undeploy` are commands of the CLI",
     ("pistill.evaluate", "pistill.device.runtimes"): "perplexity of GGUF / ONNX files runs in the runtimes the agent "
                                                      "ships to the Pi (runtimes.py must sit beside agent.py)",
     ("pistill.mc_eval", "pistill.device.runtimes"): "zero-shot scoring of GGUF / ONNX files, the same runtimes",
