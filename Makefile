@@ -7,6 +7,7 @@ RECIPE ?= recipes/default.toml
 PI     ?=
 OUT    ?=
 EVAL_ITEMS ?=
+DEPLOY ?=
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -29,9 +30,12 @@ $(STAMP): pyproject.toml
 llama: $(STAMP)
 	$(BIN)/python pistill/llama_build.py --python $(BIN)/python
 
+# with PI set, the student is then deployed there (served on the Pi's 127.0.0.1:8080; DEPLOY=0 skips it)
 edge: install
-	$(BIN)/pistill run $(RECIPE) $(if $(PI),--target $(PI)) $(if $(OUT),--out $(OUT)) \
-	    $(if $(EVAL_ITEMS),--eval-items $(EVAL_ITEMS))
+	report=$$($(BIN)/pistill run $(RECIPE) $(if $(PI),--target $(PI)) $(if $(OUT),--out $(OUT)) \
+	    $(if $(EVAL_ITEMS),--eval-items $(EVAL_ITEMS))) && echo "$$report" && \
+	if [ -n "$(PI)" ] && [ "$(DEPLOY)" != 0 ]; then \
+	    $(BIN)/pistill deploy "$$(dirname "$$(dirname "$$report")")" --target $(PI) --recipe $(RECIPE); fi
 
 system-deps:
 	bash tests/system-deps.sh

@@ -2,9 +2,10 @@
 an SSH tunnel before and after an atomic switch, rolled back on failure; `status`, `undeploy`, `rollback`, fleets.
 
 Why llama-cpp-python's server: the device venv that pistill provisions for benchmarking already holds llama-cpp-python
-built for the board (the cross-built wheel, the same build that was benchmarked), so serving needs only pure-Python
-packages (`SERVE_REQUIREMENTS`), not a second cross build of llama-server. The device side is `served.py` (standard
-library only), which keeps the releases, the `current` / `previous` links and the service.
+built for the board (the cross-built wheel, the same build that was benchmarked), so serving needs only packages
+with ready wheels (`SERVE_REQUIREMENTS`), sent from here like that wheel (`serve_wheels`: the device needs no index),
+not a second cross build of llama-server. The device side is `served.py` (standard library only), which keeps the
+releases, the `current` / `previous` links and the service.
 
 A deploy: resolve the model (a run folder's GGUF by key, or a .gguf file) and refuse bad input before anything is
 uploaded (unknown key, a non-loopback listen address without an API key, a port another program holds, a model and
@@ -28,6 +29,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -47,7 +49,10 @@ log = logging.getLogger(__name__)
 
 SERVED = Path(__file__).with_name("served.py")
 SERVE_REQUIREMENTS = ("fastapi>=0.100.0", "uvicorn>=0.22.0", "sse-starlette>=1.6.1", "starlette-context>=0.3.6,<0.4",
-                      "pydantic-settings>=2.0.1", "PyYAML>=5.1")  # llama-cpp-python's `server` extra, pure Python
+                      "pydantic-settings>=2.0.1", "PyYAML>=5.1")  # llama-cpp-python's `server` extra
+SERVE_PLATFORMS = {"aarch64": "manylinux2014_aarch64", "arm64": "manylinux2014_aarch64",  # device machine ->
+                   "x86_64": "manylinux2014_x86_64", "amd64": "manylinux2014_x86_64"}  # wheels for glibc >= 2.17
+PIP_DOWNLOAD_TIMEOUT_S = 600  # `pip download` of the server's wheels here
 SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings", "yaml")
 KINDS = ("auto", "systemd-user", "systemd", "supervised")  # served.py's service kinds; auto: the best that works
 COMMAND_TIMEOUT_S = 60  # a served.py command other than start
@@ -55,6 +60,7 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 PROMPT = "Say hello in one short sentence."
 GGUF_STAGES = {"gguf": "student"}  # stage whose one model deploys under another key; baseline keeps its own keys
 FLEET_STOP_S = 30  # after Ctrl-C, how long the devices get to stop their candidates
+_wheels_lock = threading.Lock()
 
 
 class DeployError(TargetError):
@@ -329,18 +335,25 @@ class SSHDevice:
         return doctor.probe(self.conn, cache, self.python)
 
     def server_python(self, facts: dict, cfg: DeployConfig, cache: str) -> str:
-        """The python of the bench's provisioning (`provision.plan`), with llama-cpp-python's server packages: pip-
-        installed into pistill's venv, or named for the user to install into their own python."""
+        """The python of the bench's provisioning (`provision.plan`: pistill's venv, created and given the board's
+        llama-cpp-python where it lacks them), with llama-cpp-python's server packages installed into it from wheels
+        sent from here (`serve_wheels`), or named for the user to install into their own python."""
         plan = provision.plan(self.conn, facts, ["llama_cpp"], cfg.python, cache)
-        lack = missing_modules(self, plan.python) if not plan.commands else list(SERVE_MODULES)
-        if lack and cfg.python:
+        provision.provision(self.conn, plan, ["llama_cpp"], cache)
+        if not (lack := missing_modules(self, plan.python)):
+            return plan.python
+        if cfg.python:
             raise DeployError(f"{self.spec}: {cfg.python} lacks {', '.join(lack)} for llama-cpp-python's server; "
                               f"install them there ({cfg.python} -m pip install "
                               f"{' '.join(repr(r) for r in SERVE_REQUIREMENTS)}) or leave --python empty")
-        if lack:
-            install = [plan.python, "-m", "pip", "install", *SERVE_REQUIREMENTS]
-            plan = provision.Plan(plan.python, [*plan.commands, install], plan.env, plan.wheels)
-        provision.provision(self.conn, plan, ["llama_cpp"], cache)
+        version = (provision.probe_python(self.conn, plan.python) or {}).get("version", "")
+        wheels = serve_wheels(facts, version)
+        source = ["--no-index", "--find-links", provision.WHEELS] if wheels else []  # else the device's own index
+        install = [plan.python, "-m", "pip", "install", *source, *SERVE_REQUIREMENTS]
+        provision.provision(self.conn, provision.Plan(plan.python, [install], plan.env, wheels), ["llama_cpp"], cache)
+        if lack := missing_modules(self, plan.python):
+            raise DeployError(f"{self.spec}: after installing llama-cpp-python's server packages, {plan.python} "
+                              f"still lacks {', '.join(lack)}; see pip's output above")
         return plan.python
 
     def put_script(self, cache: str) -> str:
@@ -369,6 +382,47 @@ class SSHDevice:
                               f"({getattr(e, 'text', '') or e}); is the server up (pistill status)?") from None
         chan.settimeout(timeout_s)
         return chan
+
+
+def serve_wheels(facts: dict, version: str) -> dict[str, Path]:
+    """llama-cpp-python's server packages and their dependencies as wheels for the device's platform and python
+    (pydantic-core and PyYAML are the binary ones), downloaded here once into <cache>/wheels/serve-<platform>-<cp>-
+    <key>/, so the device installs them without reaching an index (as the cross-built llama wheel); {} where there
+    are none for its platform or this machine cannot download them: then the device's pip fetches them itself."""
+    platform = None if facts.get("bits") == 32 else SERVE_PLATFORMS.get(facts.get("machine"))
+    if not platform or not re.fullmatch(r"3\.\d+(\.\d+)?", version):
+        return {}
+    cp = "cp3" + version.split(".")[1]
+    key = hashlib.sha256(json.dumps(SERVE_REQUIREMENTS).encode()).hexdigest()[:12]
+    dest = cache_dir() / "wheels" / f"serve-{platform}-{cp}-{key}"
+    with _wheels_lock:  # a fleet's devices share one download
+        if not dest.is_dir() and not download_wheels(dest, platform, version):
+            return {}
+    return {w.name: w for w in sorted(dest.glob("*.whl"))}
+
+
+def download_wheels(dest: Path, platform: str, version: str) -> bool:
+    """`pip download` of SERVE_REQUIREMENTS for a CPython `version` on `platform` into `dest` (whole or not at all)."""
+    cp = "cp3" + version.split(".")[1]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        p = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--platform",
+                            platform, "--implementation", "cp", "--python-version", ".".join(version.split(".")[:2]),
+                            "--abi", cp, "--dest", str(tmp), *SERVE_REQUIREMENTS], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=PIP_DOWNLOAD_TIMEOUT_S)
+        if p.returncode:
+            log.info("the server's wheels for %s %s could not be downloaded here (%s); the device's pip installs "
+                     "them", platform, cp, last_line(p.stderr, p.stdout))
+            return False
+        os.replace(tmp, dest)  # only a complete set lands in the cache
+        return True
+    except subprocess.TimeoutExpired:
+        log.info("downloading the server's wheels for %s %s took over %d s; the device's pip installs them",
+                 platform, cp, PIP_DOWNLOAD_TIMEOUT_S)
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def missing_modules(dev, python: str) -> list[str]:

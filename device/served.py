@@ -3,7 +3,7 @@
 
 The server is llama-cpp-python's OpenAI-compatible one (`llama_cpp.server`: its FastAPI app under uvicorn), run with
 the python that pistill provisions for benchmarking: that venv already holds llama-cpp-python built for the board
-(the cross-built wheel, the very build that was benchmarked), so serving adds only pure-Python packages (fastapi,
+(the cross-built wheel, the very build that was benchmarked), so serving adds only packages with ready wheels (fastapi,
 uvicorn, sse-starlette, starlette-context, pydantic-settings, PyYAML), not a second cross build of llama-server.
 `serve` builds llama-cpp-python's app from its own settings models in this process (what `python -m llama_cpp.server
 --config_file F` does), so the API key is read from a 0600 file and never appears in argv or the environment, and

