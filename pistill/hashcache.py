@@ -37,12 +37,22 @@ def _identity(path: Path) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+_read: dict = {}  # {cache file: ((mtime_ns, size), entries)}: a stage's many checks parse the file once
+
+
 def _load() -> dict:
+    path = cache_path()
     try:
-        data = json.loads(cache_path().read_text(encoding="utf-8"))
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        if path in _read and _read[path][0] == stamp:
+            return dict(_read[path][1])
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent, unreadable or damaged: start empty
         return {}
-    return data if isinstance(data, dict) else {}
+    data = data if isinstance(data, dict) else {}
+    _read[path] = (stamp, data)
+    return dict(data)
 
 
 def _save(entries: dict) -> None:
