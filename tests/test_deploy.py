@@ -22,6 +22,7 @@ import pytest
 from pistill import cli
 from pistill.artifact import sha256_file
 from pistill.device import deploy as D
+from pistill.device import health
 from pistill.device import doctor, served
 from pistill.device import target as T
 from pistill.errors import InputError, UsageError
@@ -217,7 +218,7 @@ def options(*servers) -> D.SSHOptions:
 def tunnel_chat(server, port: int) -> dict:
     """A fresh SSH connection and a chat completion through its tunnel to 127.0.0.1:port on the device."""
     with D.open_device(server.spec, options(server), sys.executable) as dev:
-        return D.chat(dev, "127.0.0.1", port, "pistill", None, 4, TIMEOUT_S)
+        return health.chat(dev, "127.0.0.1", port, "pistill", None, 4, TIMEOUT_S)
 
 
 def state(sshd_server, cfg) -> tuple:
@@ -359,11 +360,11 @@ def test_api_key_sources(tmp_path, monkeypatch):
 
 
 def test_http_responses():
-    assert D.parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "x") == (200, {})
+    assert health.parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "x") == (200, {})
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n"
-    assert D.parse_response(chunked, "x") == (200, {"a": 1})
+    assert health.parse_response(chunked, "x") == (200, {"a": 1})
     with pytest.raises(D.DeployError, match="x: the answer is not HTTP"):
-        D.parse_response(b"SSH-2.0-OpenSSH\r\n", "x")
+        health.parse_response(b"SSH-2.0-OpenSSH\r\n", "x")
 
 
 def test_the_recipes_deploy_table_and_bench_targets_are_the_defaults(tmp_path, capfd):

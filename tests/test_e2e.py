@@ -236,7 +236,7 @@ def test_deployed_on_the_emulated_pi_and_an_x86_device(smoke, pi_emu, sshd_facto
     from sshd import free_port, ssh_home
 
     from pistill.artifact import sha256_file
-    from pistill.device import deploy as D
+    from pistill.device import deploy as D, health
     from pistill.llama_build import cache_dir
 
     out, _ = smoke
@@ -253,7 +253,7 @@ def test_deployed_on_the_emulated_pi_and_an_x86_device(smoke, pi_emu, sshd_facto
     def ask(spec: str) -> str:
         """A chat completion through a fresh SSH connection's tunnel: the deployed model's text."""
         with D.open_device(spec, ssh) as dev:
-            reply = D.chat(dev, "127.0.0.1", int(port), "pistill", None, 4, 120)
+            reply = health.chat(dev, "127.0.0.1", int(port), "pistill", None, 4, 120)
         assert reply["model"] == "pistill" and reply["usage"]["completion_tokens"] > 0, reply
         return reply["choices"][0]["message"]["content"]
 
