@@ -544,7 +544,7 @@ def claim7(b: Bench) -> dict:
 
 def train_rows(folder: Path) -> list[dict]:
     """The training steps' rows of the distillation log in `folder` (evaluation rows left out)."""
-    from pistill.compress.distill import TRAIN_LOG, read_log
+    from pistill.compress.checkpoints import TRAIN_LOG, read_log
 
     return [r for r in read_log(folder / TRAIN_LOG) if "loss" in r]
 

@@ -5,7 +5,7 @@ the decoder layers: the layer computes x W^T + (alpha / r) x A^T B^T, with B = 0
 "LoRA", arXiv:2106.09685, Eq. 3). With `lora_base = "nf4"` the frozen W is stored as bitsandbytes NF4 with double
 quantization, so the base costs about 4.1 bits a weight in memory (Dettmers et al. 2023, "QLoRA",
 arXiv:2305.14314, Sec. 3); with "none" it stays float32 (plain LoRA). Training is `distill.train`'s: the same loss,
-data order, schedule and checkpoints, which hold the adapters alone (`distill.trainable_state`).
+data order, schedule and checkpoints, which hold the adapters alone (`checkpoints.trainable_state`).
 
 The merge writes dequantize(NF4(W)) + (alpha / r) B A into a float32 copy of the student: the adapters were trained
 against the dequantized base, not against W, so adding them to W would give a model no step ever evaluated.

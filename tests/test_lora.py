@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_distill import blocks, killed_after, launch, load
 
-from pistill.compress import distill, lora
+from pistill.compress import checkpoints, distill, lora
 from pistill.compress.distill import CHECKPOINT, TRAIN_LOG, DistillConfig, train
 
 LORA = DistillConfig(method="lora", lora_rank=4, lora_alpha=8.0, steps=6, lr=1e-2, warmup_steps=1, eval_every=3,
@@ -82,9 +82,9 @@ def test_adapters_train_and_nothing_else_moves(tiny_model, teacher, base):
 
 def test_full_checkpoints_keep_every_tensor_and_lora_ones_the_adapters(tiny_model, trained):
     full = load(tiny_model)
-    assert distill.trainable_state(full).keys() == full.state_dict().keys()
+    assert checkpoints.trainable_state(full).keys() == full.state_dict().keys()
     adapted, _ = trained
-    state = distill.trainable_state(adapted)
+    state = checkpoints.trainable_state(adapted)
     assert state.keys() == adapters(adapted).keys() and all("lora_" in k for k in state)
 
 
