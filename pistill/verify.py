@@ -33,10 +33,6 @@ def problems(art: Artifact, cached: bool = True) -> list[str]:
     return out
 
 
-def intact(art: Artifact) -> bool:
-    return not problems(art)
-
-
 def artifact_folders(run_dir: Path) -> list[Path]:
     """Every folder under `run_dir` (itself included) holding a manifest, skipping temporaries of running stages."""
     run_dir = Path(run_dir)
